@@ -1,0 +1,110 @@
+"""The one typed settings object, read from ``SESSIOND_*`` environment variables.
+
+Every process (API, workers, scheduler, CLI, tests) builds its behaviour from this object so that a
+deployment is described by its environment alone (CONTRACT §3, §4).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"
+
+
+class Settings(BaseSettings):
+    """Validated at start-up so that a bad deployment fails fast instead of at the first event."""
+
+    model_config = SettingsConfigDict(env_prefix="SESSIOND_", extra="ignore", frozen=True)
+
+    env: Literal["development", "test", "production"] = "development"
+    log_level: str = "INFO"
+
+    # Connections (CONTRACT §4). Defaults reach the local stack started by `sessiond stack up`.
+    amqp_url: str = "amqp://sessiond:sessiond@127.0.0.1:5672/sessiond"
+    amqp_ca_file: str | None = None
+    amqp_cert_file: str | None = None
+    amqp_key_file: str | None = None
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_ca_file: str | None = None
+    database_url: str = "postgres://sessiond:sessiond@127.0.0.1:5432/sessiond"
+    db_pool_min: int = Field(default=1, ge=1)
+    db_pool_max: int = Field(default=10, ge=1)
+
+    # Events in (CONTRACT §1, §7).
+    events_exchange: str = "auth.events"
+    ingest_queue: str = "sessiond.ingest"
+    dead_letter_queue: str = "sessiond.dead-letter"
+    partitions: int = Field(default=8, ge=1, le=1024)
+    max_event_bytes: int = 64 * 1024
+    retry_max: int = Field(default=8, ge=0)
+    retry_min_backoff_ms: int = Field(default=500, ge=1)
+    retry_max_backoff_ms: int = Field(default=60_000, ge=1)
+    retry_max_age_s: int = Field(default=3600, ge=1)
+    keycloak_exchange: str | None = None
+    keycloak_routing_keys: str = "KK.EVENT.CLIENT.#"
+    events_out_exchange: str = "sessiond.events"
+
+    # Timing (CONTRACT §3).
+    idle_timeout_s: int = Field(default=1800, ge=1)
+    cache_ttl_s: int = Field(default=3600, ge=1)
+    activity_flush_s: float = Field(default=5.0, gt=0)
+    expiry_period_s: float = Field(default=60.0, gt=0)
+    expiry_batch_size: int = Field(default=5000, ge=1)
+    session_max_s: int | None = None
+    max_sessions_per_user: int | None = None
+
+    # Tokens (CONTRACT §2).
+    jwt_secret: str = PLACEHOLDER_SECRET
+    jwt_algorithms: str = "HS256"
+    jwks_url: str | None = None
+    jwks_file: str | None = None
+    jwt_leeway_s: int = Field(default=30, ge=0)
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_max_bytes: int = Field(default=8192, ge=256)
+
+    # API process.
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    api_workers: int = Field(default=2, ge=1)
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _amqp_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("amqp", "amqps"):
+            raise ValueError("SESSIOND_AMQP_URL must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _pg_scheme(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("postgres", "postgresql"):
+            raise ValueError("SESSIOND_DATABASE_URL must start with postgres://")
+        return value
+
+    @model_validator(mode="after")
+    def _no_placeholder_secret_in_production(self) -> Settings:
+        if self.env == "production" and self.jwt_secret == PLACEHOLDER_SECRET and not (
+            self.jwks_url or self.jwks_file
+        ):
+            raise ValueError("set SESSIOND_JWT_SECRET (or a JWKS) in production")
+        return self
+
+    @property
+    def amqp_is_tls(self) -> bool:
+        return urlsplit(self.amqp_url).scheme == "amqps"
+
+    @property
+    def algorithms(self) -> list[str]:
+        return [a.strip() for a in self.jwt_algorithms.split(",") if a.strip()]
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Process-wide settings; tests call ``get_settings.cache_clear()`` after changing the env."""
+    return Settings()

@@ -1,0 +1,144 @@
+"""The event contract (CONTRACT §1) as pure code: decoding, validation and partitioning.
+
+Kept free of I/O so the rules that decide what is a valid event can be unit-tested and fuzzed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import zlib
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sessiond.errors import InvalidEvent
+
+EventKind = Literal["connected", "disconnected"]
+KINDS: tuple[EventKind, ...] = ("connected", "disconnected")
+MAX_USER_ID = 128
+MAX_SESSION_ID = 128
+MAX_EVENT_ID = 200
+MAX_NAME = 256
+MAX_EMAIL = 320
+# Events stamped in the future (publisher clock ahead) are clamped to the receive time, so that a
+# skewed clock can never fence off every later event of a session.
+FUTURE_SKEW = timedelta(seconds=0)
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A validated event; ``session_id`` is ``None`` for the user's implicit session."""
+
+    kind: EventKind
+    user_id: str
+    occurred_at: datetime
+    session_id: str | None = None
+    event_id: str | None = None
+    name: str | None = None
+    email: str | None = None
+    source: str = "auth"
+    ip_address: str | None = None
+
+    def dedup_key(self) -> str:
+        """Publisher ids are namespaced by source; without one, identical content is a duplicate."""
+        if self.event_id is not None:
+            return f"{self.source}:id:{self.event_id}"
+        digest = hashlib.blake2b(
+            "\x1f".join(
+                [self.kind, self.user_id, self.session_id or "", self.occurred_at.isoformat()]
+            ).encode(),
+            digest_size=16,
+        ).hexdigest()
+        return f"{self.source}:h:{digest}"
+
+    def to_wire(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["occurred_at"] = self.occurred_at.isoformat()
+        return data
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Event:
+        fields = dict(data)
+        fields["occurred_at"] = datetime.fromisoformat(fields["occurred_at"])
+        return cls(**fields)
+
+
+def _text(obj: dict[str, Any], key: str, limit: int, *, required: bool = False) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise InvalidEvent(f"missing_{key}")
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise InvalidEvent(f"invalid_{key}", f"{key} must be a string")
+    text = str(value)
+    if required and not text.strip():
+        raise InvalidEvent(f"missing_{key}", f"{key} is empty")
+    if len(text) > limit:
+        raise InvalidEvent(f"invalid_{key}", f"{key} longer than {limit} characters")
+    if "\x00" in text:
+        raise InvalidEvent(f"invalid_{key}", f"{key} contains NUL")
+    return text
+
+
+def parse_time(value: Any, *, received_at: datetime) -> datetime:
+    """RFC 3339 text or epoch seconds; absent means "when it reached us" (CONTRACT §1)."""
+    if value is None:
+        return received_at
+    if isinstance(value, bool):
+        raise InvalidEvent("invalid_occurred_at", "boolean")
+    try:
+        if isinstance(value, int | float):
+            if not math.isfinite(value):
+                raise ValueError("not finite")
+            when = datetime.fromtimestamp(value, tz=UTC)
+        elif isinstance(value, str):
+            when = datetime.fromisoformat(value.strip())
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=UTC)
+            when = when.astimezone(UTC)
+        else:
+            raise InvalidEvent("invalid_occurred_at", "must be RFC 3339 text or epoch seconds")
+    except (ValueError, OverflowError, OSError) as exc:
+        raise InvalidEvent("invalid_occurred_at", str(exc)[:200]) from None
+    return min(when, received_at + FUTURE_SKEW)
+
+
+def decode_event(body: bytes, *, received_at: datetime, max_bytes: int = 64 * 1024) -> Event:
+    """Turns a raw message body into an ``Event`` or raises ``InvalidEvent`` with a stable reason."""
+    if len(body) > max_bytes:
+        raise InvalidEvent("too_large", f"{len(body)} bytes > {max_bytes}")
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidEvent("not_json", str(exc)[:200]) from None
+    if not isinstance(obj, dict):
+        raise InvalidEvent("not_object", type(obj).__name__)
+    kind = obj.get("event")
+    if kind not in KINDS:
+        raise InvalidEvent("unknown_event", repr(kind)[:100])
+    user_id = _text(obj, "user_id", MAX_USER_ID, required=True)
+    assert user_id is not None
+    session_id = _text(obj, "session_id", MAX_SESSION_ID)
+    if session_id == "":
+        session_id = None
+    return Event(
+        kind=kind,
+        user_id=user_id,
+        occurred_at=parse_time(obj.get("occurred_at"), received_at=received_at),
+        session_id=session_id,
+        event_id=_text(obj, "event_id", MAX_EVENT_ID) or None,
+        name=_text(obj, "name", MAX_NAME) if kind == "connected" else None,
+        email=_text(obj, "email", MAX_EMAIL) if kind == "connected" else None,
+    )
+
+
+def partition_of(user_id: str, partitions: int) -> int:
+    """Stable across processes and releases (unlike ``hash()``), so a user's events stay together."""
+    return zlib.crc32(user_id.encode("utf-8")) % partitions
+
+
+def partition_queue(index: int) -> str:
+    return f"sessiond.events.p{index}"

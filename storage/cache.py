@@ -1,0 +1,113 @@
+"""Redis: the ``user:<id>`` cache of active users and the activity buffer.
+
+The cache is a projection of PostgreSQL. Every write carries the user's row version and a Lua
+script refuses to replace a newer version with an older one, so a slow writer (a worker that
+committed earlier, or an API process refilling after a miss) can never resurrect a revoked user.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from sessiond.config import Settings
+
+ACTIVITY_KEY = "activity"
+
+
+def user_key(user_id: str) -> str:
+    return f"user:{user_id}"
+
+
+def version_key(user_id: str) -> str:
+    return f"uver:{user_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class UserSnapshot:
+    """What a cache hit must answer: is the user (and which sessions) connected, and since when."""
+
+    user_id: str
+    status: str
+    version: int
+    name: str | None = None
+    email: str | None = None
+    sessions: list[str] = field(default_factory=list)
+    connected_at: datetime | None = None
+    seen_at: datetime | None = None
+    last_activity_at: datetime | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self.status == "connected"
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for key in ("connected_at", "seen_at", "last_activity_at"):
+            value = data[key]
+            data[key] = value.isoformat() if value is not None else None
+        return json.dumps(data, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, raw: str | bytes) -> UserSnapshot:
+        data: dict[str, Any] = json.loads(raw)
+        for key in ("connected_at", "seen_at", "last_activity_at"):
+            if data.get(key):
+                data[key] = datetime.fromisoformat(data[key])
+        return cls(**data)
+
+
+# KEYS: user key, version key. ARGV: version, payload ("" = evict), ttl seconds.
+_SYNC = """
+local cur = tonumber(redis.call('GET', KEYS[2]) or '-1')
+local v = tonumber(ARGV[1])
+if v < cur then return 0 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[3]) * 2)
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+end
+return 1
+"""
+
+
+def connect(settings: Settings) -> aioredis.Redis:
+    """A pooled client; ``rediss://`` URLs verify the server against ``SESSIOND_REDIS_CA_FILE``."""
+    kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+    if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
+        kwargs["ssl_ca_certs"] = settings.redis_ca_file
+    return aioredis.Redis.from_url(settings.redis_url, **kwargs)
+
+
+class Cache:
+    """Thin typed wrapper so callers never build keys or scripts themselves."""
+
+    def __init__(self, client: aioredis.Redis, *, ttl_s: int) -> None:
+        self.client = client
+        self.ttl_s = ttl_s
+        self._sync = client.register_script(_SYNC)
+
+    async def sync(self, snapshot: UserSnapshot) -> bool:
+        """Writes (connected) or evicts (otherwise) ``user:<id>``; False when a newer one is there."""
+        payload = snapshot.to_json() if snapshot.connected else ""
+        keys = [user_key(snapshot.user_id), version_key(snapshot.user_id)]
+        done = await self._sync(keys=keys, args=[snapshot.version, payload, self.ttl_s])
+        return bool(done)
+
+    async def get(self, user_id: str) -> UserSnapshot | None:
+        raw = await self.client.get(user_key(user_id))
+        return UserSnapshot.from_json(raw) if raw else None
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.client.ping())
+        except Exception:
+            return False
+
+    async def close(self) -> None:
+        await self.client.aclose()

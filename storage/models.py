@@ -1,0 +1,95 @@
+"""Tortoise models: the schema is owned by the migrations generated from these classes."""
+
+from __future__ import annotations
+
+from tortoise import fields
+from tortoise.indexes import Index, PartialIndex
+from tortoise.models import Model
+
+CONNECTED = "connected"
+DISCONNECTED = "disconnected"
+ENDED = "ended"
+
+
+class User(Model):
+    """One row a user; ``status`` is derived from the user's sessions inside the same transaction."""
+
+    id = fields.CharField(pk=True, max_length=128)
+    name = fields.CharField(max_length=256, null=True)
+    email = fields.CharField(max_length=320, null=True)
+    status = fields.CharField(max_length=16, default=DISCONNECTED)
+    connected_at = fields.DatetimeField(null=True)
+    disconnected_at = fields.DatetimeField(null=True)
+    last_activity_at = fields.DatetimeField(null=True)
+    # Newest sign of life (connect or request): the idle sweep is a range scan on it.
+    seen_at = fields.DatetimeField(null=True)
+    # Newest "logged out everywhere" time: fences connects that happened before it.
+    logged_out_at = fields.DatetimeField(null=True)
+    # Bumped on every state change; the Redis cache refuses to go back to an older version.
+    version = fields.BigIntField(default=0)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    updated_at = fields.DatetimeField(auto_now=True)
+
+    class Meta:
+        table = "users"
+        indexes = (
+            PartialIndex(fields=("seen_at",), condition={"status": CONNECTED}, name="users_idle_idx"),
+        )
+
+
+class Session(Model):
+    """A device's session; ``session_id`` is ``""`` for the implicit one of events without an id."""
+
+    id = fields.BigIntField(pk=True)
+    user: fields.ForeignKeyRelation[User] = fields.ForeignKeyField(
+        "models.User", related_name="sessions", on_delete=fields.CASCADE
+    )
+    session_id = fields.CharField(max_length=128)
+    status = fields.CharField(max_length=16, default=CONNECTED)
+    started_at = fields.DatetimeField()
+    ended_at = fields.DatetimeField(null=True)
+    end_reason = fields.CharField(max_length=32, null=True)
+    # Time of the newest event applied to this session: older events never undo it.
+    last_event_at = fields.DatetimeField()
+    ip_address = fields.CharField(max_length=64, null=True)
+    source = fields.CharField(max_length=32, default="auth")
+
+    class Meta:
+        table = "sessions"
+        unique_together = (("user", "session_id"),)
+        indexes = (
+            PartialIndex(fields=("started_at",), condition={"status": CONNECTED}, name="sessions_open_idx"),
+        )
+
+
+class ProcessedEvent(Model):
+    """De-duplication ledger: an event key seen once is a no-op the second time."""
+
+    key = fields.CharField(pk=True, max_length=300)
+    user_id = fields.CharField(max_length=128)
+    processed_at = fields.DatetimeField(auto_now_add=True)
+
+    class Meta:
+        table = "processed_events"
+        indexes = (Index(fields=("processed_at",), name="processed_events_at_idx"),)
+
+
+class AuditEvent(Model):
+    """Append-only journal of lifecycle changes and access decisions (CONTRACT §5)."""
+
+    id = fields.BigIntField(pk=True)
+    at = fields.DatetimeField(auto_now_add=True)
+    occurred_at = fields.DatetimeField(null=True)
+    user_id = fields.CharField(max_length=128, null=True)
+    session_id = fields.CharField(max_length=128, null=True)
+    kind = fields.CharField(max_length=32)
+    reason = fields.CharField(max_length=64, null=True)
+    source = fields.CharField(max_length=32)
+    detail = fields.JSONField(null=True)
+
+    class Meta:
+        table = "audit_events"
+        indexes = (
+            Index(fields=("user_id", "at"), name="audit_user_at_idx"),
+            Index(fields=("at",), name="audit_at_idx"),
+        )

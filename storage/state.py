@@ -1,0 +1,333 @@
+"""Session state changes: one PostgreSQL transaction each, then the Redis projection.
+
+Ordering safety comes from the data, never from the queue (CONTRACT §1):
+- each session remembers the time of the newest event applied to it (``last_event_at``); a
+  ``connected`` applies only when strictly newer, a ``disconnected`` when at least as new, so on a
+  tie the safer answer (refuse) wins;
+- a ``disconnected`` without session id ends every session that began before it and records
+  ``logged_out_at`` on the user, which fences off older ``connected`` events of any session;
+- a ``disconnected`` for a session never seen leaves an ended row (a tombstone) behind, so the
+  late ``connected`` it overtook is recognised as stale.
+
+The user row is locked (``FOR UPDATE``) for the whole transaction, so one user's changes commit in
+a total order and ``users.version`` increases with it; the cache refuses older versions.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.transactions import in_transaction
+
+from sessiond.events import Event
+from storage.cache import Cache, UserSnapshot
+from storage.db import conn
+from storage.models import CONNECTED, DISCONNECTED, ENDED
+
+IMPLICIT = ""
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What one change did; ``changed`` is False for duplicates and stale events."""
+
+    user_id: str
+    applied: bool
+    reason: str
+    snapshot: UserSnapshot | None = None
+    ended_sessions: list[str] = field(default_factory=list)
+    started_sessions: list[str] = field(default_factory=list)
+
+
+async def _lock_user(db: BaseDBAsyncClient, user_id: str) -> dict[str, Any]:
+    await db.execute_query(
+        "INSERT INTO users (id, status, version, created_at, updated_at) "
+        "VALUES ($1, $2, 0, now(), now()) ON CONFLICT (id) DO NOTHING",
+        [user_id, DISCONNECTED],
+    )
+    rows = await db.execute_query_dict("SELECT * FROM users WHERE id = $1 FOR UPDATE", [user_id])
+    return rows[0]
+
+
+async def _snapshot(db: BaseDBAsyncClient, user: dict[str, Any]) -> UserSnapshot:
+    rows = await db.execute_query_dict(
+        "SELECT session_id FROM sessions WHERE user_id = $1 AND status = $2 ORDER BY started_at",
+        [user["id"], CONNECTED],
+    )
+    return UserSnapshot(
+        user_id=user["id"],
+        status=user["status"],
+        version=user["version"],
+        name=user["name"],
+        email=user["email"],
+        sessions=[r["session_id"] for r in rows],
+        connected_at=user["connected_at"],
+        seen_at=user["seen_at"],
+        last_activity_at=user["last_activity_at"],
+    )
+
+
+async def audit(
+    db: BaseDBAsyncClient,
+    *,
+    kind: str,
+    source: str,
+    user_id: str | None,
+    session_id: str | None = None,
+    reason: str | None = None,
+    occurred_at: datetime | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    await db.execute_query(
+        "INSERT INTO audit_events (at, occurred_at, user_id, session_id, kind, reason, source, detail)"
+        " VALUES (now(), $1, $2, $3, $4, $5, $6, $7)",
+        [
+            occurred_at,
+            user_id,
+            session_id,
+            kind,
+            reason,
+            source,
+            json.dumps(detail) if detail is not None else None,
+        ],
+    )
+
+
+async def _settle_user(
+    db: BaseDBAsyncClient, user: dict[str, Any], at: datetime, changed: bool
+) -> dict[str, Any]:
+    """Derives the user's status from their sessions and bumps the version when anything changed."""
+    rows = await db.execute_query_dict(
+        "SELECT count(*) AS n FROM sessions WHERE user_id = $1 AND status = $2",
+        [user["id"], CONNECTED],
+    )
+    status = CONNECTED if rows[0]["n"] > 0 else DISCONNECTED
+    if status != user["status"]:
+        changed = True
+        if status == CONNECTED:
+            user["connected_at"] = at
+            user["seen_at"] = at
+        else:
+            user["disconnected_at"] = at
+        user["status"] = status
+    if changed:
+        user["version"] += 1
+        await db.execute_query(
+            "UPDATE users SET status = $2, name = $3, email = $4, connected_at = $5, "
+            "disconnected_at = $6, seen_at = $7, logged_out_at = $8, version = $9, updated_at = now() "
+            "WHERE id = $1",
+            [
+                user["id"],
+                user["status"],
+                user["name"],
+                user["email"],
+                user["connected_at"],
+                user["disconnected_at"],
+                user["seen_at"],
+                user["logged_out_at"],
+                user["version"],
+            ],
+        )
+    return user
+
+
+async def _connect(db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: Outcome) -> bool:
+    sid = ev.session_id or IMPLICIT
+    at = ev.occurred_at
+    if user["logged_out_at"] is not None and at <= user["logged_out_at"]:
+        out.reason = "stale"
+        return False
+    rows = await db.execute_query_dict(
+        "SELECT id, status, last_event_at FROM sessions WHERE user_id = $1 AND session_id = $2 FOR UPDATE",
+        [ev.user_id, sid],
+    )
+    if rows and at <= rows[0]["last_event_at"]:
+        out.reason = "stale"
+        return False
+    if not rows:
+        await db.execute_query(
+            "INSERT INTO sessions (user_id, session_id, status, started_at, last_event_at, ip_address, source)"
+            " VALUES ($1, $2, $3, $4, $4, $5, $6)",
+            [ev.user_id, sid, CONNECTED, at, ev.ip_address, ev.source],
+        )
+    else:
+        await db.execute_query(
+            "UPDATE sessions SET status = $2, last_event_at = $3, ended_at = NULL, end_reason = NULL,"
+            " started_at = CASE WHEN status = $2 THEN started_at ELSE $3 END,"
+            " ip_address = COALESCE($4, ip_address) WHERE id = $1",
+            [rows[0]["id"], CONNECTED, at, ev.ip_address],
+        )
+    if ev.name is not None:
+        user["name"] = ev.name
+    if ev.email is not None:
+        user["email"] = ev.email
+    if user["status"] == CONNECTED:
+        user["seen_at"] = max(filter(None, [user["seen_at"], at]))
+    if not rows or rows[0]["status"] != CONNECTED:
+        out.started_sessions.append(sid)
+        await audit(
+            db,
+            kind="connected",
+            source=ev.source,
+            user_id=ev.user_id,
+            session_id=sid or None,
+            occurred_at=at,
+            detail={"ip": ev.ip_address} if ev.ip_address else None,
+        )
+    out.reason = "applied"
+    return True
+
+
+async def end_sessions(
+    db: BaseDBAsyncClient,
+    user_id: str,
+    *,
+    at: datetime,
+    reason: str,
+    source: str,
+    session_ids: Sequence[str] | None = None,
+    kind: str = "disconnected",
+) -> list[str]:
+    """Ends open sessions (all, or the named ones) not newer than ``at``; journals each one."""
+    if session_ids is None:
+        rows = await db.execute_query_dict(
+            "UPDATE sessions SET status = $2, ended_at = $3, end_reason = $4, last_event_at = $3 "
+            "WHERE user_id = $1 AND status = $5 AND last_event_at <= $3 RETURNING session_id",
+            [user_id, ENDED, at, reason, CONNECTED],
+        )
+    else:
+        rows = await db.execute_query_dict(
+            "UPDATE sessions SET status = $2, ended_at = $3, end_reason = $4, last_event_at = $3 "
+            "WHERE user_id = $1 AND status = $5 AND last_event_at <= $3 AND session_id = ANY($6::text[])"
+            " RETURNING session_id",
+            [user_id, ENDED, at, reason, CONNECTED, list(session_ids)],
+        )
+    ended = [r["session_id"] for r in rows]
+    for sid in ended:
+        await audit(
+            db,
+            kind=kind,
+            source=source,
+            user_id=user_id,
+            session_id=sid or None,
+            reason=reason,
+            occurred_at=at,
+        )
+    return ended
+
+
+async def _disconnect(
+    db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: Outcome
+) -> bool:
+    at = ev.occurred_at
+    if ev.session_id is None:
+        if user["logged_out_at"] is None or at > user["logged_out_at"]:
+            user["logged_out_at"] = at
+        out.ended_sessions = await end_sessions(
+            db, ev.user_id, at=at, reason="logout", source=ev.source
+        )
+        # The implicit session's tombstone keeps its own ordering fence as well.
+        await db.execute_query(
+            "INSERT INTO sessions (user_id, session_id, status, started_at, ended_at, end_reason,"
+            " last_event_at, source) VALUES ($1, $2, $3, $4, $4, 'logout', $4, $5)"
+            " ON CONFLICT (user_id, session_id) DO UPDATE SET last_event_at ="
+            " GREATEST(sessions.last_event_at, EXCLUDED.last_event_at)",
+            [ev.user_id, IMPLICIT, ENDED, at, ev.source],
+        )
+        out.reason = "applied"
+        return True
+    rows = await db.execute_query_dict(
+        "SELECT id, status, last_event_at FROM sessions WHERE user_id = $1 AND session_id = $2 FOR UPDATE",
+        [ev.user_id, ev.session_id],
+    )
+    if not rows:
+        await db.execute_query(
+            "INSERT INTO sessions (user_id, session_id, status, started_at, ended_at, end_reason,"
+            " last_event_at, source) VALUES ($1, $2, $3, $4, $4, 'logout', $4, $5)",
+            [ev.user_id, ev.session_id, ENDED, at, ev.source],
+        )
+        out.reason = "applied"
+        return True
+    if at < rows[0]["last_event_at"]:
+        out.reason = "stale"
+        return False
+    out.ended_sessions = await end_sessions(
+        db, ev.user_id, at=at, reason="logout", source=ev.source, session_ids=[ev.session_id]
+    )
+    if not out.ended_sessions:
+        await db.execute_query(
+            "UPDATE sessions SET last_event_at = GREATEST(last_event_at, $2) WHERE id = $1",
+            [rows[0]["id"], at],
+        )
+    out.reason = "applied"
+    return True
+
+
+async def apply_event(ev: Event) -> Outcome:
+    """Applies one event exactly once in effect; the caller syncs ``outcome.snapshot`` to Redis."""
+    out = Outcome(user_id=ev.user_id, applied=False, reason="")
+    async with in_transaction() as db:
+        user = await _lock_user(db, ev.user_id)
+        rows = await db.execute_query_dict(
+            "INSERT INTO processed_events (key, user_id, processed_at) VALUES ($1, $2, now())"
+            " ON CONFLICT (key) DO NOTHING RETURNING key",
+            [ev.dedup_key(), ev.user_id],
+        )
+        if not rows:
+            out.reason = "duplicate"
+        elif ev.kind == "connected":
+            out.applied = await _connect(db, ev, user, out)
+        else:
+            out.applied = await _disconnect(db, ev, user, out)
+        if not out.applied and out.reason:
+            await audit(
+                db,
+                kind="ignored",
+                source=ev.source,
+                user_id=ev.user_id,
+                session_id=ev.session_id,
+                reason=out.reason,
+                occurred_at=ev.occurred_at,
+                detail={"event": ev.kind},
+            )
+        user = await _settle_user(db, user, ev.occurred_at, out.applied)
+        out.snapshot = await _snapshot(db, user)
+    return out
+
+
+async def force_disconnect(
+    user_id: str, *, reason: str, source: str, at: datetime | None = None
+) -> Outcome:
+    """Ends all of a user's sessions as a ``disconnected`` event would (admin route, CLI)."""
+    when = at or datetime.now(UTC)
+    out = Outcome(user_id=user_id, applied=True, reason="applied")
+    async with in_transaction() as db:
+        user = await _lock_user(db, user_id)
+        if user["logged_out_at"] is None or when > user["logged_out_at"]:
+            user["logged_out_at"] = when
+        out.ended_sessions = await end_sessions(
+            db, user_id, at=when, reason=reason, source=source, kind="forced_disconnect"
+        )
+        user = await _settle_user(db, user, when, True)
+        out.snapshot = await _snapshot(db, user)
+    return out
+
+
+async def load_snapshot(user_id: str) -> UserSnapshot | None:
+    """The PostgreSQL side of cache-aside: ``None`` for a user never seen."""
+    db = conn()
+    rows = await db.execute_query_dict("SELECT * FROM users WHERE id = $1", [user_id])
+    if not rows:
+        return None
+    return await _snapshot(db, rows[0])
+
+
+async def publish_snapshot(cache: Cache, outcome: Outcome) -> None:
+    """After commit, always (even for duplicates): a retry after a Redis failure heals the cache."""
+    if outcome.snapshot is not None:
+        await cache.sync(outcome.snapshot)
