@@ -41,7 +41,8 @@ class Settings(BaseSettings):
     dead_letter_queue: str = "sessiond.dead-letter"
     partitions: int = Field(default=8, ge=1, le=1024)
     max_event_bytes: int = 64 * 1024
-    retry_max: int = Field(default=8, ge=0)
+    ingress: bool = True
+    retry_max: int = Field(default=12, ge=0)
     retry_min_backoff_ms: int = Field(default=500, ge=1)
     retry_max_backoff_ms: int = Field(default=60_000, ge=1)
     retry_max_age_s: int = Field(default=3600, ge=1)
@@ -89,8 +90,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _no_placeholder_secret_in_production(self) -> Settings:
-        if self.env == "production" and self.jwt_secret == PLACEHOLDER_SECRET and not (
-            self.jwks_url or self.jwks_file
+        if (
+            self.env == "production"
+            and self.jwt_secret == PLACEHOLDER_SECRET
+            and not (self.jwks_url or self.jwks_file)
         ):
             raise ValueError("set SESSIOND_JWT_SECRET (or a JWKS) in production")
         return self

@@ -16,8 +16,6 @@ import redis.asyncio as aioredis
 
 from sessiond.config import Settings
 
-ACTIVITY_KEY = "activity"
-
 
 def user_key(user_id: str) -> str:
     return f"user:{user_id}"

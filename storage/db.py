@@ -6,6 +6,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from tortoise import Tortoise, connections
+from tortoise import context as tortoise_context
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from sessiond.config import Settings, get_settings
@@ -42,11 +43,18 @@ def __getattr__(name: str) -> Any:
 
 
 async def open_db(settings: Settings) -> None:
-    await Tortoise.init(config=tortoise_config(settings))
+    """Global fallback context: the ORM is used from many tasks (Sanic requests, actor calls run
+    on Dramatiq's loop thread), not only from the task that initialised it."""
+    await Tortoise.init(config=tortoise_config(settings), _enable_global_fallback=True)
 
 
 async def close_db() -> None:
+    if tortoise_context.get_current_context() is None:
+        return
     await connections.close_all(discard=True)
+    # Tortoise offers no public way to drop the global fallback; without this, the next
+    # ``open_db`` in the same process (tests, CLI) would be refused.
+    tortoise_context._global_context = None
 
 
 def conn() -> BaseDBAsyncClient:

@@ -33,7 +33,9 @@ class User(Model):
     class Meta:
         table = "users"
         indexes = (
-            PartialIndex(fields=("seen_at",), condition={"status": CONNECTED}, name="users_idle_idx"),
+            PartialIndex(
+                fields=("seen_at",), condition={"status": CONNECTED}, name="users_idle_idx"
+            ),
         )
 
 
@@ -58,7 +60,9 @@ class Session(Model):
         table = "sessions"
         unique_together = (("user", "session_id"),)
         indexes = (
-            PartialIndex(fields=("started_at",), condition={"status": CONNECTED}, name="sessions_open_idx"),
+            PartialIndex(
+                fields=("started_at",), condition={"status": CONNECTED}, name="sessions_open_idx"
+            ),
         )
 
 

@@ -221,9 +221,7 @@ async def end_sessions(
     return ended
 
 
-async def _disconnect(
-    db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: Outcome
-) -> bool:
+async def _disconnect(db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: Outcome) -> bool:
     at = ev.occurred_at
     if ev.session_id is None:
         if user["logged_out_at"] is None or at > user["logged_out_at"]:

@@ -1,0 +1,232 @@
+"""One fixture per real backend (STYLE.md): the local stack's RabbitMQ, Redis and PostgreSQL.
+
+Tests run against the test vhost ``sessiond_test``, database ``sessiond_test`` and Redis db 15 of
+the stack started by ``sessiond stack up``. A missing server fails the suite; nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pika
+import pytest
+
+from sessiond import amqp, stack
+from sessiond.config import Settings, get_settings
+from storage import cache as cache_mod
+from storage import db as db_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = ("audit_events", "processed_events", "sessions", "users")
+
+
+def wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1
+) -> Any:
+    """Polls until ``predicate()`` is truthy; returns its value or fails with the last one."""
+    deadline = time.monotonic() + timeout
+    value = predicate()
+    while not value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
+        time.sleep(interval)
+        value = predicate()
+    return value
+
+
+async def async_wait_until(
+    predicate: Callable[[], Any], *, timeout: float = 30.0, interval: float = 0.1
+) -> Any:
+    deadline = time.monotonic() + timeout
+    value = await predicate()
+    while not value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value {value!r})")
+        await asyncio.sleep(interval)
+        value = await predicate()
+    return value
+
+
+@pytest.fixture(scope="session")
+def stack_config() -> stack.StackConfig:
+    cfg = stack.StackConfig.from_env()
+    stack.up(cfg, install=False)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def test_env(stack_config: stack.StackConfig) -> dict[str, str]:
+    """The environment every test process (and every spawned worker/API) runs with."""
+    env = {
+        **stack_config.env_dict(test=True),
+        "SESSIOND_ENV": "test",
+        "SESSIOND_JWT_SECRET": "test-secret-that-is-long-enough-for-hs256",
+        "SESSIOND_RETRY_MIN_BACKOFF_MS": "200",
+        "SESSIOND_RETRY_MAX_BACKOFF_MS": "2000",
+        "SESSIOND_LOG_LEVEL": "WARNING",
+    }
+    os.environ.update(env)
+    get_settings.cache_clear()
+    return env
+
+
+@pytest.fixture(scope="session")
+def settings(test_env: dict[str, str]) -> Settings:
+    return get_settings()
+
+
+@pytest.fixture(scope="session")
+def migrated(settings: Settings) -> Settings:
+    """A test database rebuilt from the migrations, exactly as production gets its schema."""
+
+    async def rebuild() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+        finally:
+            await conn.close()
+        await db_mod.migrate(settings)
+
+    asyncio.run(rebuild())
+    return settings
+
+
+async def truncate(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def db(migrated: Settings) -> AsyncIterator[Settings]:
+    """Tortoise open on the empty test database."""
+    await truncate(migrated)
+    await db_mod.open_db(migrated)
+    try:
+        yield migrated
+    finally:
+        await db_mod.close_db()
+
+
+@pytest.fixture
+async def cache(settings: Settings) -> AsyncIterator[cache_mod.Cache]:
+    c = cache_mod.Cache(cache_mod.connect(settings), ttl_s=settings.cache_ttl_s)
+    await c.client.flushdb()
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+class Amqp:
+    """A plain AMQP client, the way the auth service publishes (it knows nothing of Dramatiq)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.conn = pika.BlockingConnection(amqp.connection_parameters(settings))
+        self.ch = self.conn.channel()
+        amqp.declare_topology(self.ch, settings)
+        self.ch.confirm_delivery()
+
+    def publish(self, body: bytes | str | dict[str, Any], routing_key: str = "auth.test") -> None:
+        import json
+
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        data = data.encode() if isinstance(data, str) else data
+        self.ch.basic_publish(
+            self.settings.events_exchange,
+            routing_key,
+            data,
+            pika.BasicProperties(delivery_mode=2),
+            mandatory=True,
+        )
+
+    def depth(self, queue: str) -> int:
+        return int(self.ch.queue_declare(queue, passive=True).method.message_count)
+
+    def purge(self, *queues: str) -> None:
+        for q in queues:
+            try:
+                self.ch.queue_purge(q)
+            except pika.exceptions.ChannelClosedByBroker:
+                self.ch = self.conn.channel()
+                self.ch.confirm_delivery()
+
+    def close(self) -> None:
+        if self.conn.is_open:
+            self.conn.close()
+
+
+def all_queues(settings: Settings) -> list[str]:
+    from actors.topology import JOBS_QUEUE, partition_queues
+
+    names = [settings.ingest_queue, settings.dead_letter_queue]
+    for q in [*partition_queues(settings.partitions), JOBS_QUEUE]:
+        names += [q, f"{q}.DQ", f"{q}.XQ"]
+    return names
+
+
+@pytest.fixture
+def broker_client(settings: Settings) -> Iterator[Amqp]:
+    client = Amqp(settings)
+    client.purge(*all_queues(settings))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+class Process:
+    """A sessiond process (worker, API, scheduler) started like an operator would start it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self.handle = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv, env={**os.environ, **env}, cwd=ROOT, stdout=self.handle,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.alive():
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.handle.close()
+        return int(self.proc.returncode)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def spawn(test_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    """Starts ``sessiond <args>`` processes; all are stopped (SIGTERM) at the end of the test."""
+    started: list[Process] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Process:
+        argv = [sys.executable, "-m", "sessiond.cli", *args]
+        proc = Process(argv, {**test_env, **(env or {})}, tmp_path / f"proc{len(started)}.log")
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
