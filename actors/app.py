@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dramatiq
 
-from actors import events, ingress
+from actors import events, ingress, jobs
 from actors.broker import build_broker
 from actors.runtime import Runtime
 from sessiond.config import get_settings
@@ -22,3 +22,4 @@ def sources() -> list[ingress.Source]:
 broker = build_broker(settings, runtime, sources)
 dramatiq.set_broker(broker)
 actors = events.declare(runtime, broker)
+actors += jobs.declare(runtime, broker)

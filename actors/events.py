@@ -18,7 +18,7 @@ from actors import deadletter
 from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE, actor_name
 from sessiond.events import Event, partition_queue
-from storage import state
+from storage import db, state
 
 log = logging.getLogger(__name__)
 
@@ -108,11 +108,8 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
 
         actors.append(
             dramatiq.actor(
-                apply_event,
-                actor_name=actor_name(index),
-                queue_name=partition_queue(index),
-                broker=broker,
-            )
+                actor_name=actor_name(index), queue_name=partition_queue(index), broker=broker
+            )(apply_event)
         )
 
     def record_dead_letter(
@@ -120,7 +117,7 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
     ) -> None:
         async def write() -> None:
             await state.audit(
-                state.conn(),
+                db.conn(),
                 kind="dead_lettered",
                 source="ingress",
                 user_id=user_id,
@@ -131,11 +128,8 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
         runtime.run(write())
 
     actors.append(
-        dramatiq.actor(
-            record_dead_letter,
-            actor_name="record_dead_letter",
-            queue_name=JOBS_QUEUE,
-            broker=broker,
+        dramatiq.actor(actor_name="record_dead_letter", queue_name=JOBS_QUEUE, broker=broker)(
+            record_dead_letter
         )
     )
     return actors

@@ -64,11 +64,11 @@ class StorageMiddleware(AsyncIO):
         self.runtime = runtime
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
-        super().before_worker_boot(broker, worker)
+        super().before_worker_boot(broker, worker)  # type: ignore[no-untyped-call]
         self.runtime.run(self.runtime.open())
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         try:
             self.runtime.run(self.runtime.close())
         finally:
-            super().after_worker_shutdown(broker, worker)
+            super().after_worker_shutdown(broker, worker)  # type: ignore[no-untyped-call]

@@ -87,7 +87,7 @@ def scheduler_argv() -> list[str]:
 
 
 def _exec(argv: list[str]) -> int:
-    os.execv(argv[0], argv)
+    os.execv(argv[0], argv)  # noqa: S606 - replaces this process, as exec in a shell would
     return 0  # not reached
 
 

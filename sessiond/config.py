@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"
+PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"  # noqa: S105 - refused in production
 
 
 class Settings(BaseSettings):

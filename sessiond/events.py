@@ -107,7 +107,7 @@ def parse_time(value: Any, *, received_at: datetime) -> datetime:
 
 
 def decode_event(body: bytes, *, received_at: datetime, max_bytes: int = 64 * 1024) -> Event:
-    """Turns a raw message body into an ``Event`` or raises ``InvalidEvent`` with a stable reason."""
+    """A raw message body as an ``Event``, or ``InvalidEvent`` with a stable reason."""
     if len(body) > max_bytes:
         raise InvalidEvent("too_large", f"{len(body)} bytes > {max_bytes}")
     try:
@@ -136,7 +136,7 @@ def decode_event(body: bytes, *, received_at: datetime, max_bytes: int = 64 * 10
 
 
 def partition_of(user_id: str, partitions: int) -> int:
-    """Stable across processes and releases (unlike ``hash()``), so a user's events stay together."""
+    """Stable across processes and releases (unlike ``hash()``): a user's events stay together."""
     return zlib.crc32(user_id.encode("utf-8")) % partitions
 
 

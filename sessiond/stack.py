@@ -25,7 +25,7 @@ PACKAGES = ("rabbitmq-server", "redis-server", "postgresql", "openssl")
 SERVERS = ("postgres", "redis", "rabbitmq")
 RABBIT_BIN = Path("/usr/lib/rabbitmq/bin")
 USER = "sessiond"
-PASSWORD = "sessiond"
+PASSWORD = "sessiond"  # noqa: S105 - local stack on 127.0.0.1 only
 VHOSTS = ("sessiond", "sessiond_test")
 DATABASES = ("sessiond", "sessiond_test")
 

@@ -91,7 +91,7 @@ class Cache:
         self._sync = client.register_script(_SYNC)
 
     async def sync(self, snapshot: UserSnapshot) -> bool:
-        """Writes (connected) or evicts (otherwise) ``user:<id>``; False when a newer one is there."""
+        """Writes (connected) or evicts (otherwise) ``user:<id>``; False if a newer one is there."""
         payload = snapshot.to_json() if snapshot.connected else ""
         keys = [user_key(snapshot.user_id), version_key(snapshot.user_id)]
         done = await self._sync(keys=keys, args=[snapshot.version, payload, self.ttl_s])

@@ -1,4 +1,4 @@
-"""PostgreSQL through Tortoise: one config for the app, the workers, the tests and the migrations."""
+"""PostgreSQL through Tortoise: one config for the app, workers, tests and migrations."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ async def close_db() -> None:
 
 
 def conn() -> BaseDBAsyncClient:
-    return connections.get("default")
+    client: BaseDBAsyncClient = connections.get("default")
+    return client
 
 
 async def migrate(settings: Settings) -> None:

@@ -12,7 +12,7 @@ ENDED = "ended"
 
 
 class User(Model):
-    """One row a user; ``status`` is derived from the user's sessions inside the same transaction."""
+    """One row a user; ``status`` is derived from the user's sessions in the same transaction."""
 
     id = fields.CharField(pk=True, max_length=128)
     name = fields.CharField(max_length=256, null=True)
@@ -89,7 +89,7 @@ class AuditEvent(Model):
     kind = fields.CharField(max_length=32)
     reason = fields.CharField(max_length=64, null=True)
     source = fields.CharField(max_length=32)
-    detail = fields.JSONField(null=True)
+    detail: fields.Field[dict[str, object] | None] = fields.JSONField(null=True)
 
     class Meta:
         table = "audit_events"

@@ -84,7 +84,8 @@ async def audit(
     detail: dict[str, Any] | None = None,
 ) -> None:
     await db.execute_query(
-        "INSERT INTO audit_events (at, occurred_at, user_id, session_id, kind, reason, source, detail)"
+        "INSERT INTO audit_events"
+        " (at, occurred_at, user_id, session_id, kind, reason, source, detail)"
         " VALUES (now(), $1, $2, $3, $4, $5, $6, $7)",
         [
             occurred_at,
@@ -119,7 +120,8 @@ async def _settle_user(
         user["version"] += 1
         await db.execute_query(
             "UPDATE users SET status = $2, name = $3, email = $4, connected_at = $5, "
-            "disconnected_at = $6, seen_at = $7, logged_out_at = $8, version = $9, updated_at = now() "
+            "disconnected_at = $6, seen_at = $7, logged_out_at = $8, version = $9,"
+            " updated_at = now() "
             "WHERE id = $1",
             [
                 user["id"],
@@ -143,7 +145,8 @@ async def _connect(db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: 
         out.reason = "stale"
         return False
     rows = await db.execute_query_dict(
-        "SELECT id, status, last_event_at FROM sessions WHERE user_id = $1 AND session_id = $2 FOR UPDATE",
+        "SELECT id, status, last_event_at FROM sessions"
+        " WHERE user_id = $1 AND session_id = $2 FOR UPDATE",
         [ev.user_id, sid],
     )
     if rows and at <= rows[0]["last_event_at"]:
@@ -151,16 +154,18 @@ async def _connect(db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: 
         return False
     if not rows:
         await db.execute_query(
-            "INSERT INTO sessions (user_id, session_id, status, started_at, last_event_at, ip_address, source)"
+            "INSERT INTO sessions"
+            " (user_id, session_id, status, started_at, last_event_at, ip_address, source)"
             " VALUES ($1, $2, $3, $4, $4, $5, $6)",
             [ev.user_id, sid, CONNECTED, at, ev.ip_address, ev.source],
         )
     else:
         await db.execute_query(
-            "UPDATE sessions SET status = $2, last_event_at = $3, ended_at = NULL, end_reason = NULL,"
-            " started_at = CASE WHEN status = $2 THEN started_at ELSE $3 END,"
+            "UPDATE sessions SET status = $2, last_event_at = $3, ended_at = NULL,"
+            " end_reason = NULL,"
+            " started_at = CASE WHEN $5 THEN started_at ELSE $3 END,"
             " ip_address = COALESCE($4, ip_address) WHERE id = $1",
-            [rows[0]["id"], CONNECTED, at, ev.ip_address],
+            [rows[0]["id"], CONNECTED, at, ev.ip_address, rows[0]["status"] == CONNECTED],
         )
     if ev.name is not None:
         user["name"] = ev.name
@@ -203,7 +208,8 @@ async def end_sessions(
     else:
         rows = await db.execute_query_dict(
             "UPDATE sessions SET status = $2, ended_at = $3, end_reason = $4, last_event_at = $3 "
-            "WHERE user_id = $1 AND status = $5 AND last_event_at <= $3 AND session_id = ANY($6::text[])"
+            "WHERE user_id = $1 AND status = $5 AND last_event_at <= $3"
+            " AND session_id = ANY($6::text[])"
             " RETURNING session_id",
             [user_id, ENDED, at, reason, CONNECTED, list(session_ids)],
         )
@@ -240,7 +246,8 @@ async def _disconnect(db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], ou
         out.reason = "applied"
         return True
     rows = await db.execute_query_dict(
-        "SELECT id, status, last_event_at FROM sessions WHERE user_id = $1 AND session_id = $2 FOR UPDATE",
+        "SELECT id, status, last_event_at FROM sessions"
+        " WHERE user_id = $1 AND session_id = $2 FOR UPDATE",
         [ev.user_id, ev.session_id],
     )
     if not rows:

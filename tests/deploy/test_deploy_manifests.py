@@ -13,10 +13,10 @@ from urllib.parse import urlsplit
 import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 from cryptography import x509
-from cryptography.x509.oid import ExtensionOID
+
 from sessiond.config import Settings
 
-from conftest import K8S, REPO, Doc, find, is_sessiond, pod_spec, workloads
+from ._support import K8S, REPO, Doc, find, is_sessiond, kustomize, pod_spec, workloads
 
 pytestmark = pytest.mark.deploy
 
@@ -198,7 +198,7 @@ def _config_map_name(docs: list[Doc]) -> str:
         for d in docs
         if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("sessiond-config")
     ]
-    return name
+    return str(name)
 
 
 @pytest.mark.parametrize("name", ["dev", "prod"])
@@ -231,7 +231,6 @@ def test_secrets_only_in_dev_and_obviously_fake(dev_docs: list[Doc], prod_docs: 
 
 
 def kustomize_base() -> list[Doc]:
-    from conftest import kustomize
 
     return kustomize(K8S / "base")
 
@@ -263,7 +262,7 @@ def test_dev_credentials_agree_between_services(dev_docs: list[Doc]) -> None:
     assert db.password == _decoded(dev_docs, "postgres-credentials")["password"]
     # and every host is a Service of the overlay
     services = {d["metadata"]["name"]: d for d in dev_docs if d["kind"] == "Service"}
-    for url in map(urlsplit, urls.values() - {urls["jwt-secret"]}):
+    for url in (urlsplit(v) for k, v in urls.items() if k != "jwt-secret"):
         assert url.hostname in services, url.hostname
         ports = {p["port"] for p in services[url.hostname]["spec"]["ports"]}
         assert url.port in ports
@@ -276,7 +275,7 @@ def test_dev_broker_certificate_is_trusted_by_sessiond() -> None:
     cert = x509.load_pem_x509_certificate((tls / "tls.crt").read_bytes())
     # Then the CA signed it, it names the Service host, and it is valid for a while yet
     cert.verify_directly_issued_by(ca)
-    san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME).value
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "rabbitmq" in san.get_values_for_type(x509.DNSName)
     soon = dt.datetime.now(dt.UTC) + dt.timedelta(days=365)
     assert cert.not_valid_after_utc > soon and ca.not_valid_after_utc > soon

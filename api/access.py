@@ -1,0 +1,329 @@
+"""The access decision (CONTRACT §2): is the token's user, and its session, alive right now?
+
+Hot path (a cache hit of an active user): one Redis ``GET user:<id>``; the pending-activity
+``HGET`` only when the cached times alone say "idle". Writes never happen per request: granted
+requests and decisions go to a per-process ``Recorder`` that pushes them to Redis in batches
+(``activity`` hash, ``audit:access`` list), from where the flush job moves them to PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+
+from api.metrics import Metrics
+from api.tokens import Principal, TokenError, TokenValidator
+from sessiond.errors import SessiondError
+from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY, ActivityBuffer
+from storage.cache import Cache, user_key
+from storage.state import load_snapshot
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+"""Epoch seconds; injectable so that idle timeouts can be tested without waiting."""
+
+GRANTED: Final = "granted"
+FORBIDDEN: Final = "forbidden"
+INVALID_TOKEN: Final = "invalid_token"  # noqa: S105 (a decision name)
+CONNECTED: Final = "connected"
+_TIME_FIELDS: Final = ("seen_at", "last_activity_at", "connected_at")
+
+
+class Denied(SessiondError):
+    """A valid token whose user or session may not pass; ``reason`` is a stable code (403)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Grant:
+    """A granted request: who, and the user's cached profile (the ``user:<id>`` JSON as a dict)."""
+
+    __slots__ = ("principal", "user")
+
+    def __init__(self, principal: Principal, user: dict[str, Any]) -> None:
+        self.principal = principal
+        self.user = user
+
+
+def _epoch(value: Any) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value).timestamp()
+
+
+def iso(epoch: float | None) -> str | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC).isoformat()
+
+
+class Recorder:
+    """Per-process buffer of activity and access decisions, pushed to Redis every ``interval_s``
+    (or sooner when ``max_batch`` decisions wait) in one pipeline. A graceful stop flushes it; a
+    killed process loses at most one interval of it."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        activity: ActivityBuffer,
+        *,
+        interval_s: float = 0.1,
+        max_batch: int = 1000,
+        max_backlog: int = 200_000,
+    ) -> None:
+        self.client = client
+        self.activity = activity
+        self.interval_s = interval_s
+        self.max_batch = max_batch
+        self.max_backlog = max_backlog
+        self.dropped = 0
+        self._touches: dict[str, float] = {}
+        self._entries: list[tuple[float, str | None, str | None, str, str | None, str]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._tails: dict[tuple[str | None, str | None, str, str | None, str], str] = {}
+
+    def touch(self, user_id: str, at: float) -> None:
+        if at > self._touches.get(user_id, 0.0):
+            self._touches[user_id] = at
+
+    def pending(self, user_id: str) -> float | None:
+        return self._touches.get(user_id)
+
+    def record(
+        self,
+        at: float,
+        user_id: str | None,
+        session_id: str | None,
+        decision: str,
+        reason: str | None,
+        route: str,
+    ) -> None:
+        self._entries.append((at, user_id, session_id, decision, reason, route))
+        if len(self._entries) >= self.max_batch:
+            self._wake.set()
+
+    def encode(self, entry: tuple[float, str | None, str | None, str, str | None, str]) -> str:
+        """``{"at", "user_id", "session_id", "decision", "reason", "route"}`` as compact JSON; all
+        but the time repeat a lot, so their encoding is remembered."""
+        tail_key = entry[1:]
+        tail = self._tails.get(tail_key)
+        if tail is None:
+            user_id, session_id, decision, reason, route = tail_key
+            tail = json.dumps(
+                {
+                    "user_id": user_id,
+                    "session_id": session_id,
+                    "decision": decision,
+                    "reason": reason,
+                    "route": route,
+                },
+                separators=(",", ":"),
+            )[1:]
+            if len(self._tails) >= 10_000:
+                self._tails.clear()
+            self._tails[tail_key] = tail
+        return f'{{"at":"{iso(entry[0])}",{tail}'
+
+    async def flush(self) -> None:
+        touches, self._touches = self._touches, {}
+        entries, self._entries = self._entries, []
+        if not touches and not entries:
+            return
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                if entries:
+                    pipe.rpush(ACCESS_LOG_KEY, *[self.encode(e) for e in entries])
+                for user_id, at in touches.items():
+                    # ActivityBuffer's "keep the newest" script, queued on the pipeline.
+                    await self.activity._touch(keys=[ACTIVITY_KEY], args=[user_id, at], client=pipe)
+                await pipe.execute()
+        except Exception as exc:
+            for user_id, at in touches.items():
+                self.touch(user_id, at)
+            backlog = entries + self._entries
+            if len(backlog) > self.max_backlog:
+                self.dropped += len(backlog) - self.max_backlog
+                backlog = backlog[-self.max_backlog :]
+            self._entries = backlog
+            log.warning(
+                "activity/access-log flush failed; kept for the next try",
+                extra={"error": str(exc)[:300], "waiting": len(backlog), "dropped": self.dropped},
+            )
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            self._wake.clear()
+            await self.flush()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="recorder")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()
+
+
+class UserLoader:
+    """Coalesces the ``GET user:<id>`` of requests that arrive in the same event-loop turn into
+    one ``MGET`` (requests for the same user share one slot), so Redis client work is paid per
+    batch rather than per request. Each request still reads after it arrived: no staleness."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._pending: dict[str, asyncio.Future[bytes | None]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def get(self, user_id: str) -> asyncio.Future[bytes | None]:
+        future = self._pending.get(user_id)
+        if future is None:
+            if not self._pending:
+                if self._loop is None:
+                    self._loop = asyncio.get_running_loop()
+                self._loop.call_soon(self._dispatch)
+            future = self._pending[user_id] = asyncio.get_running_loop().create_future()
+        return future
+
+    def _dispatch(self) -> None:
+        batch, self._pending = self._pending, {}
+        assert self._loop is not None
+        self._loop.create_task(self._fetch(batch))
+
+    async def _fetch(self, batch: dict[str, asyncio.Future[bytes | None]]) -> None:
+        try:
+            values = await self.client.mget([user_key(user_id) for user_id in batch])
+        except Exception as exc:
+            for future in batch.values():
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for future, value in zip(batch.values(), values, strict=True):
+            if not future.done():
+                future.set_result(value.encode() if isinstance(value, str) else value)
+
+
+class AccessControl:
+    """Token check + active-user check + bookkeeping, shared by every protected route."""
+
+    def __init__(
+        self,
+        *,
+        tokens: TokenValidator,
+        cache: Cache,
+        activity: ActivityBuffer,
+        recorder: Recorder,
+        metrics: Metrics,
+        clock: Clock,
+        idle_timeout_s: float,
+    ) -> None:
+        self.tokens = tokens
+        self.cache = cache
+        self.redis = cache.client
+        self.activity = activity
+        self.recorder = recorder
+        self.loader = UserLoader(cache.client)
+        self._parsed: dict[bytes, tuple[dict[str, Any], float | None]] = {}
+        self.metrics = metrics
+        self.clock = clock
+        self.idle_timeout_s = idle_timeout_s
+        self._decisions = metrics.decisions
+        self._cache_hits = metrics.cache
+
+    async def authenticate(self, header: str | None, route: str) -> Principal:
+        """The token alone (admin routes); a refusal is counted and journaled."""
+        try:
+            return await self.tokens.validate(header)
+        except TokenError as exc:
+            self._decisions.inc(route, INVALID_TOKEN, exc.reason)
+            self.recorder.record(self.clock(), None, None, INVALID_TOKEN, exc.reason, route)
+            raise
+
+    async def authorize_role(self, header: str | None, route: str, role: str) -> Principal:
+        """A valid token carrying ``role`` in its ``roles`` claim (admin routes); the caller's
+        own session is not checked (service accounts hold such tokens too)."""
+        principal = await self.authenticate(header, route)
+        if role not in principal.roles:
+            raise self.refuse(principal, route, "missing_role")
+        self.recorder.record(
+            self.clock(), principal.user_id, principal.session_id, GRANTED, None, route
+        )
+        self._decisions.inc(route, GRANTED, "")
+        return principal
+
+    def refuse(self, principal: Principal, route: str, reason: str) -> Denied:
+        self._decisions.inc(route, FORBIDDEN, reason)
+        self.recorder.record(
+            self.clock(), principal.user_id, principal.session_id, FORBIDDEN, reason, route
+        )
+        return Denied(reason)
+
+    async def authorize(self, header: str | None, route: str) -> Grant:
+        """A valid token of a connected, non-idle user and session; else TokenError/Denied."""
+        principal = await self.authenticate(header, route)
+        user_id = principal.user_id
+        raw = await self.loader.get(user_id)
+        if raw is not None:
+            self._cache_hits.inc("hit")
+            parsed = self._parsed.get(raw)
+            if parsed is None:
+                parsed = self._parse(raw)
+        else:
+            self._cache_hits.inc("miss")
+            snapshot = await load_snapshot(user_id)
+            if snapshot is None:
+                raise self.refuse(principal, route, "not_connected")  # unknown user
+            await self.cache.sync(snapshot)  # version-guarded: never overwrites a newer state
+            parsed = self._parse(snapshot.to_json().encode())
+        user, last = parsed
+        if user.get("status") != CONNECTED:
+            raise self.refuse(principal, route, "not_connected")
+        sid = principal.session_id
+        if sid is not None and sid not in user.get("sessions", ()):
+            raise self.refuse(principal, route, "session_ended")
+        now = self.clock()
+        if last is not None and now - last > self.idle_timeout_s:
+            last = max(last, self.recorder.pending(user_id) or 0.0)
+            if now - last > self.idle_timeout_s:
+                pending = await self.activity.pending(user_id)
+                if pending is None or now - pending.timestamp() > self.idle_timeout_s:
+                    raise self.refuse(principal, route, "idle_timeout")
+        self.recorder.touch(user_id, now)
+        self.recorder.record(now, user_id, sid, GRANTED, None, route)
+        self._decisions.inc(route, GRANTED, "")
+        return Grant(principal, user)
+
+    def _parse(self, raw: bytes) -> tuple[dict[str, Any], float | None]:
+        """The cached JSON as a dict and its newest sign-of-life time (connect, flushed activity).
+        Remembered by content: identical bytes always mean the identical state."""
+        user: dict[str, Any] = json.loads(raw)
+        times = [t for t in (_epoch(user.get(name)) for name in _TIME_FIELDS) if t is not None]
+        parsed = (user, max(times) if times else None)
+        if len(self._parsed) >= 10_000:
+            self._parsed.clear()
+        self._parsed[raw] = parsed
+        return parsed
+
+    async def last_activity(self, grant: Grant) -> str | None:
+        """Newest known activity before this request: flushed, pending in Redis or here."""
+        user_id = grant.principal.user_id
+        candidates = [_epoch(grant.user.get("last_activity_at"))]
+        pending = await self.activity.pending(user_id)
+        if pending is not None:
+            candidates.append(pending.timestamp())
+        values = [c for c in candidates if c is not None]
+        return iso(max(values)) if values else None

@@ -1,0 +1,108 @@
+"""The Sanic application factory.
+
+Run with ``python -m sanic api.app:create_app --factory --workers N`` (what ``sessiond api``
+does): every worker process calls the factory, then opens its own PostgreSQL pool and Redis
+client in ``before_server_start`` and closes them in ``after_server_stop``. Nothing connects at
+import time.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from sanic import Sanic
+from sanic.config import Config
+from sanic_ext import Extend
+from sanic_ext.extensions.openapi.extension import OpenAPIExtension
+
+from api.access import AccessControl, Clock, Recorder
+from api.context import App, AppContext
+from api.errors import JsonErrorHandler
+from api.metrics import Metrics
+from api.routes import BLUEPRINTS
+from api.tokens import TokenValidator
+from sessiond.config import Settings, get_settings
+from sessiond.logs import setup_logging
+from storage import cache as cache_mod
+from storage import db
+from storage.activity import ActivityBuffer
+
+NAME: Final = "sessiond"
+
+
+def create_app(settings: Settings | None = None, *, clock: Clock | None = None) -> App:
+    """A configured app; ``clock`` (epoch seconds) is injectable for idle-timeout tests.
+
+    Sanic's CLI calls a factory with its parsed arguments when it accepts one: anything that is
+    not a ``Settings`` means "from the environment"."""
+    if not isinstance(settings, Settings):
+        settings = get_settings()
+    setup_logging(settings.log_level)
+    ctx = AppContext(
+        settings=settings,
+        clock=clock or time.time,
+        tokens=TokenValidator(settings),
+        metrics=Metrics(),
+    )
+    config = Config()
+    config.update(
+        {
+            "FALLBACK_ERROR_FORMAT": "json",
+            "ACCESS_LOG": False,
+            "MOTD": False,
+            "KEEP_ALIVE_TIMEOUT": 75,  # longer than nginx/Envoy upstream keep-alive
+            "REQUEST_MAX_SIZE": 1_000_000,
+            "REQUEST_MAX_HEADER_SIZE": min(16384, max(8192, settings.jwt_max_bytes + 4096)),
+            # sanic-ext: the OpenAPI document only.
+            "OAS_UI_DEFAULT": "redoc",
+            "OAS_URL_PREFIX": "/docs",
+            "OAS_AUTODOC": True,
+            "API_TITLE": "sessiond",
+            "API_VERSION": "1",
+            "API_DESCRIPTION": "Is this user's session alive? (CONTRACT §2)",
+        }
+    )
+    app: App = Sanic(
+        NAME,
+        config=config,
+        ctx=ctx,
+        error_handler=JsonErrorHandler(),
+        configure_logging=False,
+    )
+    # Only the OpenAPI extension: the built-in injection one dispatches a signal on every request.
+    Extend(app, extensions=[OpenAPIExtension], built_in_extensions=False)
+    app.ext.openapi.add_security_scheme("bearer", "http", scheme="bearer", bearer_format="JWT")
+    app.blueprint(BLUEPRINTS)  # type: ignore[arg-type]
+    app.register_listener(_open, "before_server_start")
+    app.register_listener(_close, "after_server_stop")
+    return app
+
+
+async def _open(app: App) -> None:
+    ctx = app.ctx
+    settings = ctx.settings
+    await db.open_db(settings)
+    ctx.redis = cache_mod.connect(settings)
+    ctx.cache = cache_mod.Cache(ctx.redis, ttl_s=settings.cache_ttl_s)
+    ctx.activity = ActivityBuffer(ctx.redis)
+    ctx.recorder = Recorder(ctx.redis, ctx.activity)
+    ctx.access = AccessControl(
+        tokens=ctx.tokens,
+        cache=ctx.cache,
+        activity=ctx.activity,
+        recorder=ctx.recorder,
+        metrics=ctx.metrics,
+        clock=ctx.clock,
+        idle_timeout_s=settings.idle_timeout_s,
+    )
+    if ctx.tokens.keys is not None:
+        await ctx.tokens.keys.refresh(force=True)
+    ctx.recorder.start()
+
+
+async def _close(app: App) -> None:
+    ctx = app.ctx
+    await ctx.recorder.stop()
+    await ctx.cache.close()
+    await db.close_db()

@@ -1,0 +1,39 @@
+"""The typed ``app.ctx`` and the Sanic type aliases every blueprint uses."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import redis.asyncio as aioredis
+from sanic import Request, Sanic
+from sanic.config import Config
+
+from api.access import AccessControl, Clock, Recorder
+from api.metrics import Metrics
+from api.tokens import TokenValidator
+from sessiond.config import Settings
+from storage.activity import ActivityBuffer
+from storage.cache import Cache
+
+
+class AppContext:
+    """Built by ``create_app`` (settings, clock, tokens, metrics); the connection-backed members
+    (``redis`` … ``access``) are set by the ``before_server_start`` listener of each worker."""
+
+    redis: aioredis.Redis
+    cache: Cache
+    activity: ActivityBuffer
+    recorder: Recorder
+    access: AccessControl
+
+    def __init__(
+        self, *, settings: Settings, clock: Clock, tokens: TokenValidator, metrics: Metrics
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.tokens = tokens
+        self.metrics = metrics
+
+
+App = Sanic[Config, AppContext]
+Req = Request[App, SimpleNamespace]

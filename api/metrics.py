@@ -1,0 +1,135 @@
+"""A tiny Prometheus registry (counters and histograms, text exposition format 0.0.4).
+
+``prometheus_client`` is not a dependency; this covers what ``/metrics`` needs with a dict update
+per observation. Each Sanic worker process has its own registry, so a scrape reports the worker
+that answered it (see docs/api.md).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Sequence
+from typing import Final
+
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS: Final = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(names: Sequence[str], values: Sequence[str], extra: str = "") -> str:
+    parts = [f'{n}="{_escape(v)}"' for n, v in zip(names, values, strict=True)]
+    if extra:
+        parts.append(extra)
+    return "{" + ",".join(parts) + "}" if parts else ""
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else repr(value)
+
+
+class Counter:
+    def __init__(self, name: str, help_text: str, labelnames: Sequence[str] = ()) -> None:
+        self.name = name
+        self.help = help_text
+        self.labelnames = tuple(labelnames)
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, *labels: str, by: float = 1.0) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + by
+
+    def get(self, *labels: str) -> float:
+        return self.values.get(labels, 0.0)
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
+        for labels, value in sorted(self.values.items()):
+            lines.append(f"{self.name}{_labels(self.labelnames, labels)} {_num(value)}")
+        return lines
+
+
+class Histogram:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labelnames: Sequence[str] = (),
+        buckets: Sequence[float] = LATENCY_BUCKETS,
+    ) -> None:
+        self.name = name
+        self.help = help_text
+        self.labelnames = tuple(labelnames)
+        self.buckets = tuple(sorted(buckets))
+        # Per label set: one count per bucket (non-cumulative, +Inf last), then sum.
+        self.values: dict[tuple[str, ...], list[float]] = {}
+
+    def observe(self, value: float, *labels: str) -> None:
+        row = self.values.get(labels)
+        if row is None:
+            row = self.values[labels] = [0.0] * (len(self.buckets) + 2)
+        row[bisect_left(self.buckets, value)] += 1
+        row[-1] += value
+
+    def count(self, *labels: str) -> int:
+        row = self.values.get(labels)
+        return int(sum(row[:-1])) if row else 0
+
+    def render(self) -> list[str]:
+        lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
+        for labels, row in sorted(self.values.items()):
+            cumulative = 0.0
+            for bound, n in zip((*self.buckets, float("inf")), row[:-1], strict=True):
+                cumulative += n
+                le = "+Inf" if bound == float("inf") else repr(bound)
+                bucket = _labels(self.labelnames, labels, f'le="{le}"')
+                lines.append(f"{self.name}_bucket{bucket} {_num(cumulative)}")
+            lines.append(f"{self.name}_sum{_labels(self.labelnames, labels)} {row[-1]!r}")
+            lines.append(f"{self.name}_count{_labels(self.labelnames, labels)} {_num(cumulative)}")
+        return lines
+
+
+class Metrics:
+    """The API's metrics, one instance per worker process (kept on ``app.ctx``)."""
+
+    def __init__(self) -> None:
+        self.decisions = Counter(
+            "sessiond_access_decisions_total",
+            "Access decisions by route, decision (granted, forbidden, invalid_token) and reason.",
+            ("route", "decision", "reason"),
+        )
+        self.latency = Histogram(
+            "sessiond_request_duration_seconds",
+            "Time to decide a protected request, by route.",
+            ("route",),
+        )
+        self.cache = Counter(
+            "sessiond_user_cache_total",
+            "Redis user cache lookups by result (hit, miss).",
+            ("result",),
+        )
+        self.errors = Counter(
+            "sessiond_http_errors_total",
+            "Responses with a status of 500 or more, by status.",
+            ("status",),
+        )
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for metric in (self.decisions, self.latency, self.cache, self.errors):
+            lines.extend(metric.render())
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,109 @@
+"""Admin routes (role ``admin`` in the token's ``roles`` claim): inspect and disconnect users."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+
+from sanic import Blueprint, HTTPResponse
+from sanic.exceptions import BadRequest, NotFound
+from sanic.response import json
+from sanic_ext import openapi
+
+from api.context import Req
+from storage.db import conn
+from storage.state import force_disconnect, publish_snapshot
+
+bp = Blueprint("admin", url_prefix="/admin")
+ROUTE: Final = "/admin"
+ROLE: Final = "admin"
+USER_FIELDS: Final = (
+    "id, name, email, status, connected_at, disconnected_at, last_activity_at, seen_at, version"
+)
+SESSION_FIELDS: Final = "session_id, status, started_at, ended_at, end_reason, ip_address"
+STATUSES: Final = frozenset({"connected", "disconnected"})
+DEFAULT_LIMIT: Final = 100
+MAX_LIMIT: Final = 1000
+
+
+def _plain(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+
+
+def _user(row: dict[str, Any]) -> dict[str, Any]:
+    out = _plain(row)
+    out["user_id"] = out.pop("id")
+    return out
+
+
+async def _guard(request: Req) -> None:
+    await request.app.ctx.access.authorize_role(request.headers.get("authorization"), ROUTE, ROLE)
+
+
+async def _load_user(user_id: str) -> dict[str, Any]:
+    rows = await conn().execute_query_dict(
+        f"SELECT {USER_FIELDS} FROM users WHERE id = $1", [user_id]
+    )
+    if not rows:
+        raise NotFound("no such user")
+    return rows[0]
+
+
+@bp.get("/users/<user_id:str>", name="user")
+@openapi.summary("A user and their sessions")
+@openapi.secured("bearer")
+async def get_user(request: Req, user_id: str) -> HTTPResponse:
+    await _guard(request)
+    user = await _load_user(user_id)
+    sessions = await conn().execute_query_dict(
+        f"SELECT {SESSION_FIELDS} FROM sessions WHERE user_id = $1 ORDER BY started_at, id",
+        [user_id],
+    )
+    return json({"user": _user(user), "sessions": [_plain(s) for s in sessions]})
+
+
+@bp.get("/users", name="users")
+@openapi.summary("A page of users, ordered by id (keyset pagination)")
+@openapi.parameter("status", str, description="connected or disconnected")
+@openapi.parameter("limit", int, description=f"1..{MAX_LIMIT}, default {DEFAULT_LIMIT}")
+@openapi.parameter("cursor", str, description="next_cursor of the previous page")
+@openapi.secured("bearer")
+async def list_users(request: Req) -> HTTPResponse:
+    await _guard(request)
+    status = request.args.get("status") or None
+    if status is not None and status not in STATUSES:
+        raise BadRequest(f"status must be one of {sorted(STATUSES)}")
+    try:
+        limit = int(request.args.get("limit") or DEFAULT_LIMIT)
+    except ValueError:
+        raise BadRequest("limit must be an integer") from None
+    if not 1 <= limit <= MAX_LIMIT:
+        raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
+    cursor = request.args.get("cursor") or None
+    rows = await conn().execute_query_dict(
+        f"SELECT {USER_FIELDS} FROM users"
+        " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR id > $2)"
+        " ORDER BY id LIMIT $3",
+        [status, cursor, limit + 1],
+    )
+    page = rows[:limit]
+    next_cursor = page[-1]["id"] if len(rows) > limit else None
+    return json({"users": [_user(r) for r in page], "next_cursor": next_cursor})
+
+
+@bp.post("/users/<user_id:str>/disconnect", name="disconnect")
+@openapi.summary("End all of a user's sessions, as a disconnected event would")
+@openapi.secured("bearer")
+async def disconnect(request: Req, user_id: str) -> HTTPResponse:
+    await _guard(request)
+    await _load_user(user_id)
+    outcome = await force_disconnect(user_id, reason="admin", source="admin")
+    await publish_snapshot(request.app.ctx.cache, outcome)
+    snapshot = outcome.snapshot
+    return json(
+        {
+            "user_id": user_id,
+            "status": snapshot.status if snapshot is not None else None,
+            "ended_sessions": outcome.ended_sessions,
+        }
+    )

@@ -1,0 +1,339 @@
+"""The activity flush: what the API buffered in Redis reaches PostgreSQL in set-based batches.
+
+Activity (``ActivityBuffer``, the ``activity`` hash: user id → newest request time):
+- one ``UPDATE … FROM unnest(…)`` per page of the hash moves ``last_activity_at`` and ``seen_at``
+  forward with ``GREATEST``: a timestamp never goes backwards and a replayed page is a no-op. The
+  hash keeps one entry per user, so 10,000 requests by one user between two flushes are one row
+  update. ``users.version`` is left alone: activity is not a state change;
+- then the cached ``user:<id>`` snapshots get the same times (compare-and-set, same version), so
+  the API's idle check, which reads the cache and the live hash, keeps seeing the activity;
+- only then is each entry deleted, and only if it still holds the flushed value: a request that
+  arrived during the flush keeps its newer entry. A crash at any point leaves the entries for the
+  next flush. Entries are never moved aside, so no reader can miss one in flight.
+
+Access decisions (``AccessLog``): the list is renamed aside, journaled into ``audit_events`` with
+one multi-row ``INSERT`` per batch, and deleted after the commit (a crash in between journals that
+batch twice on the next flush, never loses it).
+
+Flushes and expiry sweeps take one Redis lock (``lock:activity``) so that they never overlap: no
+two flushes write the same rows at once, and a sweep's own flush is the only one while it runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.lock import Lock
+from redis.exceptions import LockError
+from tortoise.backends.base.client import BaseDBAsyncClient
+
+from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
+from storage.cache import user_key
+from storage.db import conn
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 10_000
+ACTIVITY_LOCK_KEY = "lock:activity"
+LOCK_TTL_S = 60.0
+# Access log: a leftover key from a crashed flush first, then the live key.
+DRAIN_ROUNDS = 2
+
+CAS_ATTEMPTS = 3
+CACHE_CHUNK = 1000  # users per script call: a few milliseconds of Redis time each
+
+T = TypeVar("T")
+
+# KEYS: user keys. ARGV: (value read, patched value) pairs. Compare-and-set keeping the TTL;
+# returns the keys that changed meanwhile.
+_PATCH_CACHE = """
+local failed = {}
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[2 * i - 1] then
+    redis.call('SET', KEYS[i], ARGV[2 * i], 'KEEPTTL')
+  else
+    failed[#failed + 1] = KEYS[i]
+  end
+end
+return failed
+"""
+
+# KEYS[1]: the activity hash. ARGV: (user id, flushed value) pairs.
+_FORGET = """
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+  end
+end
+return 1
+"""
+
+_UPDATE_ACTIVITY = """
+WITH upd AS (
+    UPDATE users u
+    SET last_activity_at = GREATEST(u.last_activity_at, a.at),
+        seen_at = GREATEST(u.seen_at, a.at)
+    FROM unnest($1::text[], $2::timestamptz[]) AS a(id, at)
+    WHERE u.id = a.id
+      AND (u.last_activity_at IS NULL OR u.last_activity_at < a.at
+           OR u.seen_at IS NULL OR u.seen_at < a.at)
+    RETURNING 1
+)
+SELECT count(*) AS n FROM upd
+"""
+
+_INSERT_ACCESS = """
+WITH ins AS (
+    INSERT INTO audit_events (at, occurred_at, user_id, session_id, kind, reason, source, detail)
+    SELECT now(), x.occurred_at, x.user_id, x.session_id, 'access', x.reason, 'api', x.detail::jsonb
+    FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[])
+         AS x(occurred_at, user_id, session_id, reason, detail)
+    RETURNING 1
+)
+SELECT count(*) AS n FROM ins
+"""
+
+
+@dataclass(slots=True)
+class FlushResult:
+    """Counts of one flush; ``skipped`` when another flush or sweep held the lock."""
+
+    activity_entries: int = 0
+    users_updated: int = 0
+    cache_refreshed: int = 0
+    access_entries: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    skipped: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def activity_lock(client: aioredis.Redis, *, wait_s: float = 0.0) -> Lock:
+    """The lock shared by flushes and sweeps; its TTL frees it when a holder dies."""
+    return client.lock(
+        ACTIVITY_LOCK_KEY,
+        timeout=LOCK_TTL_S,
+        sleep=0.05,
+        blocking=wait_s > 0,
+        blocking_timeout=wait_s if wait_s > 0 else None,
+    )
+
+
+async def release(lock: Lock) -> None:
+    try:
+        await lock.release()
+    except LockError:  # expired and possibly taken by another holder: nothing of ours to free
+        log.warning("activity lock expired before release", extra={"key": ACTIVITY_LOCK_KEY})
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+async def write_activity(
+    db: BaseDBAsyncClient, entries: Sequence[tuple[str, datetime]], *, batch_size: int = BATCH_SIZE
+) -> tuple[int, int]:
+    """Moves the users' timestamps forward; returns (rows updated, statements run)."""
+    updated = batches = 0
+    # Sorted ids: concurrent writers lock rows in the same order.
+    ordered = sorted(entries)
+    for batch in chunks(ordered, batch_size):
+        rows = await db.execute_query_dict(
+            _UPDATE_ACTIVITY, [[uid for uid, _ in batch], [at for _, at in batch]]
+        )
+        updated += int(rows[0]["n"])
+        batches += 1
+    return updated, batches
+
+
+async def drain_activity(
+    buffer: ActivityBuffer, db: BaseDBAsyncClient, result: FlushResult, *, batch_size: int
+) -> None:
+    """Moves buffered activity into ``users`` and the cached snapshots, page by page.
+
+    Entries stay in the live hash until both are done, and are then deleted only if no newer
+    request replaced them meanwhile. At every instant a request's time is in the live hash, or in
+    PostgreSQL and the cache, so neither the API's idle check nor the sweep can miss it.
+    """
+    client = buffer.client
+    cursor = 0
+    while True:
+        cursor, reply = await client.hscan(ACTIVITY_KEY, cursor, count=batch_size)
+        page = cast(dict[bytes, bytes], reply)  # the client does not decode responses
+        if page:
+            raw = {k.decode(): v for k, v in page.items()}
+            entries = {uid: datetime.fromtimestamp(float(v), tz=UTC) for uid, v in raw.items()}
+            updated, batches = await write_activity(
+                db, list(entries.items()), batch_size=batch_size
+            )
+            result.cache_refreshed += await refresh_cache(client, entries)
+            await forget(client, raw)
+            result.activity_entries += len(entries)
+            result.users_updated += updated
+            result.batches += batches
+        if cursor == 0:
+            return
+
+
+async def refresh_cache(client: aioredis.Redis, entries: dict[str, datetime]) -> int:
+    """Moves ``seen_at``/``last_activity_at`` forward in the cached ``user:<id>`` snapshots.
+
+    Activity is not a state change, so the version stays; each write is a compare-and-set on the
+    value read, so a snapshot written meanwhile by a state change is never overwritten (it is
+    read again and patched once more)."""
+    script = client.register_script(_PATCH_CACHE)
+    todo = list(entries)
+    refreshed = 0
+    for _ in range(CAS_ATTEMPTS):
+        if not todo:
+            break
+        keys: list[str] = []
+        args: list[bytes | str] = []
+        values = cast(list[bytes | None], await client.mget([user_key(u) for u in todo]))
+        for uid, raw in zip(todo, values, strict=True):
+            patched = _patched(raw, entries[uid]) if raw is not None else None
+            if raw is not None and patched is not None:
+                keys.append(user_key(uid))
+                args += [raw, patched]
+        missed: list[str] = []
+        for start in range(0, len(keys), CACHE_CHUNK):
+            chunk = keys[start : start + CACHE_CHUNK]
+            failed = await script(keys=chunk, args=args[2 * start : 2 * (start + len(chunk))])
+            refreshed += len(chunk) - len(failed)
+            missed += [k.decode().removeprefix("user:") for k in failed]
+        todo = missed
+    return refreshed
+
+
+def _patched(raw: bytes, at: datetime) -> str | None:
+    """The cached JSON with the activity time applied, or ``None`` when it is not older. Only the
+    two fields are touched (``UserSnapshot.to_json``'s layout is kept), which keeps this cheap
+    enough for a hundred thousand users a flush."""
+    try:
+        data = json.loads(raw)
+        changed = False
+        for name in ("seen_at", "last_activity_at"):
+            current = data.get(name)
+            if current is None or datetime.fromisoformat(current) < at:
+                data[name] = at.isoformat()
+                changed = True
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return json.dumps(data, separators=(",", ":")) if changed else None
+
+
+async def forget(client: aioredis.Redis, flushed: dict[str, bytes]) -> None:
+    """Deletes flushed entries that still hold the flushed value (a newer request keeps its own)."""
+    script = client.register_script(_FORGET)
+    items = list(flushed.items())
+    for start in range(0, len(items), CACHE_CHUNK):
+        args: list[bytes | str] = []
+        for uid, value in items[start : start + CACHE_CHUNK]:
+            args += [uid, value]
+        await script(keys=[ACTIVITY_KEY], args=args)
+
+
+def _when(value: Any) -> datetime | None:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return datetime.fromtimestamp(value, tz=UTC)
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            return None
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    return None
+
+
+def _text(value: Any, limit: int) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)[:limit]
+
+
+def access_row(
+    entry: dict[str, Any],
+) -> tuple[datetime | None, str | None, str | None, str | None, str]:
+    """One access decision as audit columns. Only known fields are kept: an entry never carries a
+    token or a header into the journal (CONTRACT §5). Over-long values are cut to the column size
+    so that one odd entry cannot block a whole batch."""
+    detail = {
+        "decision": _text(entry.get("decision"), 32),
+        "route": _text(entry.get("route"), 256),
+    }
+    if isinstance(entry.get("status"), int):
+        detail["status"] = entry["status"]
+    return (
+        _when(entry.get("at")),
+        _text(entry.get("user_id"), 128),
+        _text(entry.get("session_id"), 128),
+        _text(entry.get("reason"), 64),
+        json.dumps(detail, separators=(",", ":")),
+    )
+
+
+async def drain_access_log(
+    access_log: AccessLog, db: BaseDBAsyncClient, result: FlushResult, *, batch_size: int
+) -> None:
+    for _ in range(DRAIN_ROUNDS):
+        key, entries = await access_log.drain()
+        if key is None:
+            return
+        rows = [access_row(e) for e in entries if isinstance(e, dict)]
+        for batch in chunks(rows, batch_size):
+            columns = [list(col) for col in zip(*batch, strict=True)]
+            await db.execute_query_dict(_INSERT_ACCESS, columns)
+            result.batches += 1
+        await access_log.ack(key)
+        result.access_entries += len(rows)
+
+
+async def flush_pending(
+    buffer: ActivityBuffer,
+    db: BaseDBAsyncClient,
+    *,
+    access_log: AccessLog | None = None,
+    batch_size: int = BATCH_SIZE,
+) -> FlushResult:
+    """One flush; the caller holds the activity lock (see ``flush_activity``)."""
+    started = time.perf_counter()
+    result = FlushResult()
+    await drain_activity(buffer, db, result, batch_size=batch_size)
+    if access_log is not None:
+        await drain_access_log(access_log, db, result, batch_size=batch_size)
+    result.seconds = round(time.perf_counter() - started, 4)
+    return result
+
+
+async def flush_activity(
+    buffer: ActivityBuffer,
+    db: BaseDBAsyncClient | None = None,
+    *,
+    access_log: AccessLog | None = None,
+    batch_size: int = BATCH_SIZE,
+    lock_wait_s: float = 0.0,
+) -> FlushResult:
+    """Takes the activity lock (waiting up to ``lock_wait_s``), flushes, releases it.
+
+    When the lock is busy the flush is skipped: the holder is a flush or a sweep that flushes too,
+    and the scheduler's next tick comes within seconds.
+    """
+    lock = activity_lock(buffer.client, wait_s=lock_wait_s)
+    if not await lock.acquire():
+        return FlushResult(skipped=True)
+    try:
+        return await flush_pending(
+            buffer, db or conn(), access_log=access_log, batch_size=batch_size
+        )
+    finally:
+        await release(lock)
