@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from api.metrics import Metrics
 from api.tokens import Principal, TokenError, TokenValidator
 from sessiond.errors import SessiondError
-from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY, ActivityBuffer
+from storage.activity import ACCESS_LOG_KEY, ActivityBuffer
 from storage.cache import Cache, user_key
 from storage.state import load_snapshot
 
@@ -142,9 +142,7 @@ class Recorder:
             async with self.client.pipeline(transaction=False) as pipe:
                 if entries:
                     pipe.rpush(ACCESS_LOG_KEY, *[self.encode(e) for e in entries])
-                for user_id, at in touches.items():
-                    # ActivityBuffer's "keep the newest" script, queued on the pipeline.
-                    await self.activity._touch(keys=[ACTIVITY_KEY], args=[user_id, at], client=pipe)
+                await self.activity.queue_touches(pipe, touches.items())
                 await pipe.execute()
         except Exception as exc:
             for user_id, at in touches.items():

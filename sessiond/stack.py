@@ -80,6 +80,14 @@ class StackConfig:
     def logfile(self, server: str) -> Path:
         return self.root / f"{server}.log"
 
+    @property
+    def rabbit_node(self) -> str:
+        """Two stacks on one host need two Erlang node names: the default AMQP port keeps
+        ``sessiond@localhost``, any other port names the node after itself."""
+        if self.amqp_port == 5672:
+            return "sessiond@localhost"
+        return f"sessiond{self.amqp_port}@localhost"
+
     def env_dict(self, *, test: bool = False) -> dict[str, str]:
         """The connection settings (CONTRACT §4) that reach this stack; TLS for AMQP."""
         vhost = VHOSTS[1] if test else VHOSTS[0]
@@ -383,7 +391,7 @@ def _rabbit_env(cfg: StackConfig) -> dict[str, str]:
         "HOME": str(base),
         "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
         "RABBITMQ_LOG_BASE": str(base / "log"),
-        "RABBITMQ_NODENAME": "sessiond@localhost",
+        "RABBITMQ_NODENAME": cfg.rabbit_node,
         "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
         "RABBITMQ_NODE_PORT": str(cfg.amqp_port),
         "RABBITMQ_DIST_PORT": str(cfg.dist_port),

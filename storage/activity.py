@@ -1,27 +1,26 @@
 """Buffers in Redis for what happens on every request: activity and access decisions.
 
-The API writes here with O(1) work per request and never touches PostgreSQL; the flush job drains
-the buffers in batches (CONTRACT §2, §5). Draining renames the live key first, so requests that
-arrive during a flush land in a fresh key and nothing is lost; a drained key that was not deleted
-(a crash mid-flush) is picked up again by the next flush.
+The API writes here with O(1) work per request and never touches PostgreSQL; the flush job moves
+both buffers to PostgreSQL in batches (CONTRACT §2, §5), serialised by one Redis lock:
+- activity entries stay in the live hash until PostgreSQL and the cache have them, and are then
+  deleted only if no newer request replaced them (``storage.flush``), so no reader ever misses one;
+- the access log is renamed to one fixed draining key, journaled, then deleted; a draining key left
+  by a crashed flush is simply journaled first by the next one.
 """
 
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 ACTIVITY_KEY = "activity"
 ACCESS_LOG_KEY = "audit:access"
-DRAINING_PREFIX = "draining:"
-# Leftover draining keys are found with SCAN, which walks the whole keyspace (a million cached
-# users); large steps keep that to ~1,000 round trips instead of SCAN's default ~100,000.
-SCAN_COUNT = 1000
+ACCESS_LOG_DRAINING_KEY = "audit:access:draining"
 
 # KEYS: hash key. ARGV: user id, epoch seconds. Keeps the newest time (never moves backwards).
 _TOUCH = """
@@ -45,76 +44,39 @@ class ActivityBuffer:
     async def touch(self, user_id: str, at: float | None = None) -> None:
         await self._touch(keys=[ACTIVITY_KEY], args=[user_id, at if at is not None else _now()])
 
+    async def queue_touches(self, pipe: Pipeline, touches: Iterable[tuple[str, float]]) -> None:
+        """Queues many touches on a caller's pipeline: one round trip for a whole batch."""
+        for user_id, at in touches:
+            await self._touch(keys=[ACTIVITY_KEY], args=[user_id, at], client=pipe)
+
     async def pending(self, user_id: str) -> datetime | None:
-        """The newest activity not yet flushed (live key only; draining keys are seconds old)."""
+        """The newest activity not yet flushed to PostgreSQL."""
         raw = await self.client.hget(ACTIVITY_KEY, user_id)
         return datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
-
-    async def pending_many(self, user_ids: Sequence[str]) -> dict[str, datetime]:
-        """Pending activity for many users, draining keys included (the sweep must see them)."""
-        if not user_ids:
-            return {}
-        keys = [
-            ACTIVITY_KEY,
-            *[
-                k.decode()
-                async for k in self.client.scan_iter(
-                    f"{DRAINING_PREFIX}{ACTIVITY_KEY}:*", count=SCAN_COUNT
-                )
-            ],
-        ]
-        newest: dict[str, float] = {}
-        for key in keys:
-            values = await self.client.hmget(key, list(user_ids))
-            for uid, raw in zip(user_ids, values, strict=True):
-                if raw is not None:
-                    newest[uid] = max(newest.get(uid, 0.0), float(raw))
-        return {uid: datetime.fromtimestamp(ts, tz=UTC) for uid, ts in newest.items()}
-
-    async def drain(self) -> tuple[str | None, dict[str, datetime]]:
-        """Moves the live hash aside and returns (draining key, entries); ``ack`` deletes it."""
-        key = await _claim(self.client, ACTIVITY_KEY)
-        if key is None:
-            return None, {}
-        raw = await self.client.hgetall(key)
-        return key, {_str(k): datetime.fromtimestamp(float(v), tz=UTC) for k, v in raw.items()}
-
-    async def ack(self, key: str) -> None:
-        await self.client.delete(key)
 
 
 class AccessLog:
     """``audit:access`` list of JSON access decisions, journaled to ``audit_events`` in batches."""
 
-    def __init__(self, client: aioredis.Redis, *, max_len: int = 1_000_000) -> None:
+    def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
-        self.max_len = max_len
+
+    @staticmethod
+    def encode(entry: dict[str, Any]) -> str:
+        return json.dumps(entry, separators=(",", ":"))
 
     async def record(self, entry: dict[str, Any]) -> None:
-        await self.client.rpush(ACCESS_LOG_KEY, json.dumps(entry, separators=(",", ":")))
+        await self.client.rpush(ACCESS_LOG_KEY, self.encode(entry))
 
     async def drain(self) -> tuple[str | None, list[dict[str, Any]]]:
-        key = await _claim(self.client, ACCESS_LOG_KEY)
-        if key is None:
-            return None, []
-        raw = await self.client.lrange(key, 0, -1)
-        return key, [json.loads(r) for r in raw]
+        """(draining key, entries): a leftover draining key first, else the live list renamed."""
+        if not await self.client.exists(ACCESS_LOG_DRAINING_KEY):
+            try:
+                await self.client.rename(ACCESS_LOG_KEY, ACCESS_LOG_DRAINING_KEY)
+            except aioredis.ResponseError:  # "no such key": nothing to drain
+                return None, []
+        raw = await self.client.lrange(ACCESS_LOG_DRAINING_KEY, 0, -1)
+        return ACCESS_LOG_DRAINING_KEY, [json.loads(r) for r in raw]
 
     async def ack(self, key: str) -> None:
         await self.client.delete(key)
-
-
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-async def _claim(client: aioredis.Redis, live: str) -> str | None:
-    """A leftover draining key from a crashed flush first; else the live key renamed aside."""
-    async for leftover in client.scan_iter(f"{DRAINING_PREFIX}{live}:*", count=SCAN_COUNT):
-        return str(leftover.decode() if isinstance(leftover, bytes) else leftover)
-    key = f"{DRAINING_PREFIX}{live}:{uuid.uuid4().hex}"
-    try:
-        await client.rename(live, key)
-    except aioredis.ResponseError:  # "no such key": nothing to drain
-        return None
-    return key
