@@ -43,7 +43,7 @@ def test_placeholder_secret_refused_in_production(monkeypatch: pytest.MonkeyPatc
 )
 def test_bad_values_fail_fast(field: str, value: object) -> None:
     with pytest.raises(ValidationError):
-        Settings(**{field: value})
+        Settings.model_validate({field: value})
 
 
 def test_tls_detected_from_scheme() -> None:

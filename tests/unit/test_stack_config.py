@@ -33,7 +33,7 @@ def test_env_reaches_the_stack_over_tls_and_separates_tests(tmp_path: Path) -> N
     assert dev["SESSIOND_REDIS_URL"].endswith("/0") and test["SESSIOND_REDIS_URL"].endswith("/15")
     assert test["SESSIOND_AMQP_URL"].endswith("/sessiond_test")
     # the settings object accepts exactly what the stack hands out
-    s = Settings(**{k.removeprefix("SESSIOND_").lower(): v for k, v in dev.items()})
+    s = Settings.model_validate({k.removeprefix("SESSIOND_").lower(): v for k, v in dev.items()})
     assert s.amqp_is_tls
 
 
