@@ -137,6 +137,17 @@ async def truncate(settings: Settings) -> None:
 
 
 @pytest.fixture
+async def pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection to the emptied test database, for checking what the processes wrote."""
+    await truncate(migrated)
+    conn = await asyncpg.connect(migrated.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
 async def db(migrated: Settings) -> AsyncIterator[Settings]:
     """Tortoise open on the empty test database."""
     await truncate(migrated)

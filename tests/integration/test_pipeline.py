@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from actors import deadletter
 from sessiond import stack
 from sessiond.config import Settings
-from tests.conftest import Amqp, Process, async_wait_until, truncate, wait_until
+from tests.conftest import Amqp, Process, async_wait_until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +37,6 @@ def worker(
     yield proc
     assert proc.alive(), f"worker died:\n{proc.output()[-3000:]}"
     assert proc.stop() == 0, proc.output()[-3000:]
-
-
-@pytest.fixture
-async def pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
-    await truncate(migrated)
-    conn = await asyncpg.connect(migrated.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 @pytest.fixture

@@ -3,26 +3,16 @@ Kubernetes stops a pod (SIGTERM to PID 1, which is Dramatiq's main process)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 from sessiond.config import Settings
-from tests.conftest import Amqp, Process, async_wait_until, truncate
+from tests.conftest import Amqp, Process, async_wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@pytest.fixture
-async def pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
-    await truncate(migrated)
-    conn = await asyncpg.connect(migrated.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
 
 
 async def test_sigterm_mid_stream_loses_no_event(
