@@ -116,10 +116,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     get_settings.cache_clear()
     s = get_settings()
     cmd_migrate(args)
+    # Each child in its own session: a terminal's Ctrl-C reaches only this process, which then
+    # sends one SIGTERM to each child. (A second signal makes Dramatiq and Sanic kill instead of
+    # drain, and Dramatiq kills its whole process group.)
     children = {
-        "api": subprocess.Popen(api_argv(args.api_workers, s.api_host, s.api_port)),
-        "worker": subprocess.Popen(worker_argv(args.processes, args.threads, None)),
-        "scheduler": subprocess.Popen(scheduler_argv()),
+        name: subprocess.Popen(argv, start_new_session=True)
+        for name, argv in (
+            ("api", api_argv(args.api_workers, s.api_host, s.api_port)),
+            ("worker", worker_argv(args.processes, args.threads, None)),
+            ("scheduler", scheduler_argv()),
+        )
     }
     log.info(
         "sessiond running; Ctrl-C stops it",
