@@ -52,10 +52,12 @@ def bench_settings() -> Settings:
 
 
 async def prepare(settings: Settings) -> None:
-    admin = await asyncpg.connect(settings.database_url.replace(f"/{BENCH_DB}", "/postgres"))
+    pg = urlsplit(settings.database_url)
+    name = pg.path.lstrip("/")
+    admin = await asyncpg.connect(urlunsplit(pg._replace(path="/postgres")))
     try:
-        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", BENCH_DB):
-            await admin.execute(f"CREATE DATABASE {BENCH_DB}")
+        if not await admin.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
+            await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
     await db_mod.migrate(settings)
@@ -126,8 +128,9 @@ async def fill_cache(cache: cache_mod.Cache, users: int) -> float:
     return round(time.perf_counter() - started, 2)
 
 
-async def run(args: argparse.Namespace) -> dict[str, Any]:
-    settings = bench_settings()
+async def run(args: argparse.Namespace, settings: Settings | None = None) -> dict[str, Any]:
+    """``settings``: another namespace than ``sessiond_bench``/db 11 (``loadtests/bench.py``)."""
+    settings = settings or bench_settings()
     await prepare(settings)
     pg = await asyncpg.connect(settings.database_url)
     await db_mod.open_db(settings)
