@@ -4,6 +4,13 @@ Hot path (a cache hit of an active user): one Redis ``GET user:<id>``; the pendi
 ``HGET`` only when the cached times alone say "idle". Writes never happen per request: granted
 requests and decisions go to a per-process ``Recorder`` that pushes them to Redis in batches
 (``activity`` hash, ``audit:access`` list), from where the flush job moves them to PostgreSQL.
+
+Degraded modes (never a wrong 200):
+- Redis unreachable: the decision comes from PostgreSQL, the source of truth (slower, correct).
+  After one failure Redis is bypassed and probed in the background until it answers again, so
+  requests do not each pay a connection timeout. When PostgreSQL's times alone say "idle", the
+  pending activity that only Redis knows cannot be read: 503, not a guess.
+- PostgreSQL unreachable: a cache hit still answers; a miss is 503 (``DependencyUnavailable``).
 """
 
 from __future__ import annotations
@@ -12,17 +19,22 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
+import asyncpg
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from tortoise.exceptions import DBConnectionError
 
 from api.metrics import Metrics
 from api.tokens import Principal, TokenError, TokenValidator
-from sessiond.errors import SessiondError
+from sessiond.errors import DependencyUnavailable, SessiondError
 from storage.activity import ACCESS_LOG_KEY, ActivityBuffer
-from storage.cache import Cache, user_key
+from storage.cache import Cache, UserSnapshot, user_key
 from storage.state import load_snapshot
 
 log = logging.getLogger(__name__)
@@ -35,6 +47,18 @@ FORBIDDEN: Final = "forbidden"
 INVALID_TOKEN: Final = "invalid_token"  # noqa: S105 (a decision name)
 CONNECTED: Final = "connected"
 _TIME_FIELDS: Final = ("seen_at", "last_activity_at", "connected_at")
+
+REDIS_UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+"""What a Redis call raises when the server is down or unreachable (not a bug of ours)."""
+DB_CONNECTION_ERRORS: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, admin shutdown
+    DBConnectionError,
+)
+"""What PostgreSQL calls raise, besides ``OSError``, when the server is down or restarting."""
+DB_UNAVAILABLE: Final = (OSError, TimeoutError, *DB_CONNECTION_ERRORS)
+REDIS_PROBE_S: Final = 0.5
 
 
 class Denied(SessiondError):
@@ -90,6 +114,7 @@ class Recorder:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tails: dict[tuple[str | None, str | None, str, str | None, str], str] = {}
+        self._warned_at = float("-inf")
 
     def touch(self, user_id: str, at: float) -> None:
         if at > self._touches.get(user_id, 0.0):
@@ -152,10 +177,23 @@ class Recorder:
                 self.dropped += len(backlog) - self.max_backlog
                 backlog = backlog[-self.max_backlog :]
             self._entries = backlog
-            log.warning(
-                "activity/access-log flush failed; kept for the next try",
-                extra={"error": str(exc)[:300], "waiting": len(backlog), "dropped": self.dropped},
-            )
+            if self._should_warn():
+                log.warning(
+                    "activity/access-log flush failed; kept for the next try",
+                    extra={
+                        "error": str(exc)[:300],
+                        "waiting": len(backlog),
+                        "dropped": self.dropped,
+                    },
+                )
+
+    def _should_warn(self) -> bool:
+        """While Redis is down a flush fails every interval: one warning per 10 s is enough."""
+        now = time.monotonic()
+        if now - self._warned_at < 10.0:
+            return False
+        self._warned_at = now
+        return True
 
     async def _run(self) -> None:
         while True:
@@ -241,6 +279,57 @@ class AccessControl:
         self.idle_timeout_s = idle_timeout_s
         self._decisions = metrics.decisions
         self._cache_hits = metrics.cache
+        self._redis_down = False
+        self._probe: asyncio.Task[None] | None = None
+
+    @property
+    def redis_down(self) -> bool:
+        """True while Redis is bypassed after a failure (until a background ping succeeds)."""
+        return self._redis_down
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        if not self._redis_down:
+            log.warning(
+                "redis unavailable; deciding from PostgreSQL until it answers",
+                extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"},
+            )
+        self._redis_down = True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probe_redis(), name="probe")
+
+    async def _probe_redis(self) -> None:
+        while self._redis_down:
+            await asyncio.sleep(REDIS_PROBE_S)
+            try:
+                await self.redis.ping()
+            except Exception as exc:  # still down: keep deciding from PostgreSQL
+                log.debug("redis still unavailable", extra={"error": repr(exc)[:200]})
+                continue
+            self._redis_down = False
+            log.warning("redis available again; cache in use")
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+
+    async def _load(self, user_id: str) -> UserSnapshot | None:
+        try:
+            return await load_snapshot(user_id)
+        except DB_UNAVAILABLE as exc:
+            raise DependencyUnavailable(f"postgres: {type(exc).__name__}") from exc
+
+    async def _cached(self, user_id: str) -> tuple[bool, bytes | None]:
+        """``(usable, raw)``: whether Redis answered, and the cached bytes (``None``: a miss)."""
+        if self._redis_down:
+            return False, None
+        try:
+            return True, await self.loader.get(user_id)
+        except REDIS_UNAVAILABLE as exc:
+            self._redis_failed(exc)
+            return False, None
 
     async def authenticate(self, header: str | None, route: str) -> Principal:
         """The token alone (admin routes); a refusal is counted and journaled."""
@@ -274,18 +363,22 @@ class AccessControl:
         """A valid token of a connected, non-idle user and session; else TokenError/Denied."""
         principal = await self.authenticate(header, route)
         user_id = principal.user_id
-        raw = await self.loader.get(user_id)
+        usable, raw = await self._cached(user_id)
         if raw is not None:
             self._cache_hits.inc("hit")
             parsed = self._parsed.get(raw)
             if parsed is None:
                 parsed = self._parse(raw)
         else:
-            self._cache_hits.inc("miss")
-            snapshot = await load_snapshot(user_id)
+            self._cache_hits.inc("miss" if usable else "bypass")
+            snapshot = await self._load(user_id)
             if snapshot is None:
                 raise self.refuse(principal, route, "not_connected")  # unknown user
-            await self.cache.sync(snapshot)  # version-guarded: never overwrites a newer state
+            if usable:
+                try:  # version-guarded: never overwrites a newer state
+                    await self.cache.sync(snapshot)
+                except REDIS_UNAVAILABLE as exc:  # PostgreSQL answered; the refill can wait
+                    self._redis_failed(exc)
             parsed = self._parse(snapshot.to_json().encode())
         user, last = parsed
         if user.get("status") != CONNECTED:
@@ -297,13 +390,24 @@ class AccessControl:
         if last is not None and now - last > self.idle_timeout_s:
             last = max(last, self.recorder.pending(user_id) or 0.0)
             if now - last > self.idle_timeout_s:
-                pending = await self.activity.pending(user_id)
+                pending = await self._pending_activity(user_id)
                 if pending is None or now - pending.timestamp() > self.idle_timeout_s:
                     raise self.refuse(principal, route, "idle_timeout")
         self.recorder.touch(user_id, now)
         self.recorder.record(now, user_id, sid, GRANTED, None, route)
         self._decisions.inc(route, GRANTED, "")
         return Grant(principal, user)
+
+    async def _pending_activity(self, user_id: str) -> datetime | None:
+        """Activity still in the Redis hash. Without Redis it is unknown: a user that PostgreSQL
+        alone calls idle may have been active a second ago, so the answer is 503, not a guess."""
+        if self._redis_down:
+            raise DependencyUnavailable("redis: pending activity unknown")
+        try:
+            return await self.activity.pending(user_id)
+        except REDIS_UNAVAILABLE as exc:
+            self._redis_failed(exc)
+            raise DependencyUnavailable("redis: pending activity unknown") from exc
 
     def _parse(self, raw: bytes) -> tuple[dict[str, Any], float | None]:
         """The cached JSON as a dict and its newest sign-of-life time (connect, flushed activity).
@@ -320,7 +424,12 @@ class AccessControl:
         """Newest known activity before this request: flushed, pending in Redis or here."""
         user_id = grant.principal.user_id
         candidates = [_epoch(grant.user.get("last_activity_at"))]
-        pending = await self.activity.pending(user_id)
+        pending = None
+        if not self._redis_down:
+            try:
+                pending = await self.activity.pending(user_id)
+            except REDIS_UNAVAILABLE as exc:  # informative field: answer with what is known
+                self._redis_failed(exc)
         if pending is not None:
             candidates.append(pending.timestamp())
         values = [c for c in candidates if c is not None]

@@ -11,18 +11,19 @@ from __future__ import annotations
 import time
 from typing import Final
 
-from sanic import Sanic
+from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic_ext import Extend
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 
-from api.access import AccessControl, Clock, Recorder
+from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock, Recorder
 from api.context import App, AppContext
 from api.errors import JsonErrorHandler
 from api.metrics import Metrics
 from api.routes import BLUEPRINTS
 from api.tokens import TokenValidator
 from sessiond.config import Settings, get_settings
+from sessiond.errors import DependencyUnavailable
 from sessiond.logs import setup_logging
 from storage import cache as cache_mod
 from storage import db
@@ -74,6 +75,10 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     Extend(app, extensions=[OpenAPIExtension], built_in_extensions=False)
     app.ext.openapi.add_security_scheme("bearer", "http", scheme="bearer", bearer_format="JWT")
     app.blueprint(BLUEPRINTS)  # type: ignore[arg-type]
+    # PostgreSQL down (any route: admin, the miss path, readiness) is 503 like Redis down, never
+    # a 500: asyncpg's connection errors are not OSErrors.
+    for kind in DB_CONNECTION_ERRORS:
+        app.error_handler.add(kind, _db_unavailable)
     app.register_listener(_open, "before_server_start")
     app.register_listener(_close, "after_server_stop")
     return app
@@ -101,8 +106,14 @@ async def _open(app: App) -> None:
     ctx.recorder.start()
 
 
+def _db_unavailable(request: Request, exception: Exception) -> HTTPResponse:
+    wrapped = DependencyUnavailable(f"postgres: {type(exception).__name__}")
+    return request.app.error_handler.default(request, wrapped)
+
+
 async def _close(app: App) -> None:
     ctx = app.ctx
+    await ctx.access.close()
     await ctx.recorder.stop()
     await ctx.cache.close()
     await db.close_db()

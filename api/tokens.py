@@ -22,6 +22,7 @@ from typing import Any, Final
 import jwt
 from jwt import PyJWK
 from jwt.exceptions import InvalidSubjectError
+from jwt.utils import base64url_decode
 
 from sessiond.config import Settings
 from sessiond.errors import SessiondError
@@ -66,6 +67,45 @@ class TokenError(SessiondError):
         self.reason = reason
 
 
+def _storable(text: str) -> bool:
+    """Text that PostgreSQL, Redis and HTTP headers can carry: no NUL, no lone surrogate (JSON's
+    ``"\\ud800"`` decodes to one, and UTF-8 cannot encode it)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate member name")
+    return dict(pairs)
+
+
+def _no_duplicate_members(token: str) -> bool:
+    """RFC 7515 §5.2 / RFC 7519 §4 allow "last one wins" or refusal; we refuse, so that no proxy
+    in front of us can read another ``sub`` or ``alg`` from the same token than we do."""
+    try:
+        for segment in token.split(".")[:2]:
+            json.loads(base64url_decode(segment), object_pairs_hook=_unique_keys)
+    except ValueError:
+        return False
+    return True
+
+
+def _numeric_times(claims: dict[str, Any]) -> bool:
+    """RFC 7519 NumericDate is a JSON number; PyJWT also takes ``"1700000000"``. We do not."""
+    return all(
+        isinstance(claims[name], int | float) and not isinstance(claims[name], bool)
+        for name in ("exp", "nbf", "iat")
+        if name in claims
+    )
+
+
 class Principal:
     """The caller a valid token names: user id (``sub``, else ``user_id``), session id, roles."""
 
@@ -79,11 +119,13 @@ class Principal:
         if isinstance(subject, bool) or not isinstance(subject, str | int):
             raise TokenError("missing_subject")
         user_id = str(subject)
-        if not user_id.strip() or len(user_id) > MAX_SUBJECT:
+        if not user_id.strip() or len(user_id) > MAX_SUBJECT or not _storable(user_id):
             raise TokenError("missing_subject")
         self.user_id = user_id
         sid = claims.get("sid")
         self.session_id: str | None = str(sid) if isinstance(sid, str | int) and sid != "" else None
+        if self.session_id is not None and not _storable(self.session_id):
+            raise TokenError("malformed")
         roles = claims.get("roles")
         self.roles: frozenset[str] = (
             frozenset(r for r in roles if isinstance(r, str))
@@ -241,6 +283,8 @@ class TokenValidator:
         token = token.strip()
         if not token:
             raise TokenError("missing")
+        if not token.isascii():  # a JWT is base64url and dots; header bytes may be anything
+            raise TokenError("malformed")
         if len(token) > self.max_bytes:
             raise TokenError("too_large")
         cached = self._cache.get(token)
@@ -287,6 +331,8 @@ class TokenValidator:
             raise TokenError(_reason(exc)) from None
         except (TypeError, ValueError):  # a key that cannot verify this algorithm
             raise TokenError("bad_algorithm") from None
+        if not _no_duplicate_members(token) or not _numeric_times(claims):
+            raise TokenError("malformed")
         principal = Principal(claims)
         exp = float(claims["exp"]) + self.leeway
         return principal, min(exp, self.now() + CLAIMS_CACHE_MAX_AGE_S)

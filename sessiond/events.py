@@ -80,6 +80,10 @@ def _text(obj: dict[str, Any], key: str, limit: int, *, required: bool = False) 
         raise InvalidEvent(f"invalid_{key}", f"{key} longer than {limit} characters")
     if "\x00" in text:
         raise InvalidEvent(f"invalid_{key}", f"{key} contains NUL")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON allows "\ud800", UTF-8 does not
+        raise InvalidEvent(f"invalid_{key}", f"{key} is not valid Unicode") from None
     return text
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from tortoise import Tortoise, connections
 from tortoise import context as tortoise_context
@@ -14,15 +15,68 @@ from sessiond.config import Settings, get_settings
 APP = "models"
 
 
-def tortoise_config(settings: Settings) -> dict[str, Any]:
-    """Pool bounds travel in the URL query because that is where Tortoise reads them."""
+# libpq's TLS parameters, read from the URL query like ``psql`` would (Tortoise passes unknown
+# query parameters to asyncpg as keyword arguments, which asyncpg would refuse).
+TLS_PARAMS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+
+
+def tls_context(query: dict[str, str]) -> ssl.SSLContext | bool | None:
+    """``sslmode`` as libpq means it: ``verify-full`` checks the chain against ``sslrootcert`` (or
+    the system store) and the host name; ``verify-ca`` the chain only; ``require`` encrypts
+    without checking who answers. ``None``: asyncpg's default (``prefer``)."""
+    mode = query.get("sslmode")
+    if mode is None or mode in ("allow", "prefer"):
+        return None
+    if mode not in SSL_MODES:
+        raise ValueError(f"sslmode must be one of {', '.join(SSL_MODES)}")
+    if mode == "disable":
+        return False
+    if mode == "require" and not query.get("sslrootcert"):
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    else:
+        ctx = ssl.create_default_context(cafile=query.get("sslrootcert"))
+        ctx.check_hostname = mode == "verify-full"
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if query.get("sslcert"):
+        ctx.load_cert_chain(query["sslcert"], query.get("sslkey"))
+    return ctx
+
+
+def _connection(settings: Settings) -> str | dict[str, Any]:
+    """Pool bounds travel in the URL query because that is where Tortoise reads them; with TLS
+    parameters, a credentials dict carrying an ``ssl.SSLContext`` instead."""
     parts = urlsplit(settings.database_url)
     query = dict(parse_qsl(parts.query))
     query.setdefault("minsize", str(settings.db_pool_min))
     query.setdefault("maxsize", str(settings.db_pool_max))
-    url = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment))
+    tls = {k: query.pop(k) for k in TLS_PARAMS if k in query}
+    if not tls:
+        return urlunsplit(
+            (parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment)
+        )
+    credentials: dict[str, Any] = {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 5432,
+        "user": unquote(parts.username or ""),
+        "password": unquote(parts.password or ""),
+        "database": unquote(parts.path[1:]),
+        **query,
+    }
+    credentials["minsize"] = int(credentials["minsize"])
+    credentials["maxsize"] = int(credentials["maxsize"])
+    ssl_arg = tls_context(tls)
+    if ssl_arg is not None:
+        credentials["ssl"] = ssl_arg
+    return {"engine": "tortoise.backends.asyncpg", "credentials": credentials}
+
+
+def tortoise_config(settings: Settings) -> dict[str, Any]:
+    """The one config of the app, the workers, the tests and the migrations."""
     return {
-        "connections": {"default": url},
+        "connections": {"default": _connection(settings)},
         "apps": {
             APP: {
                 "models": ["storage.models"],

@@ -106,8 +106,10 @@ async def _eq(coro: Any, expected: Any) -> bool:
 async def test_stale_connected_after_newer_disconnected_is_ignored(
     worker: Process, broker_client: Amqp, pg: asyncpg.Connection, redis: aioredis.Redis
 ) -> None:
-    # Given a disconnected at t=20 delivered before a connected at t=10
+    # Given a disconnected at t=20, applied first
     broker_client.publish({"event": "disconnected", "user_id": "u-stale", "occurred_at": at(20)})
+    await async_wait_until(lambda: _count_ge(pg, 1))
+    # When a connected at t=10 is delivered after it
     broker_client.publish({"event": "connected", "user_id": "u-stale", "occurred_at": at(10)})
     # Then both are processed but the user stays disconnected and uncached
     await async_wait_until(lambda: _count_ge(pg, 2))
