@@ -6,6 +6,7 @@ import dramatiq
 
 from actors import events, ingress, jobs
 from actors.broker import build_broker
+from actors.outbox import OutboxMiddleware
 from actors.runtime import Runtime
 from sessiond.config import get_settings
 from sessiond.logs import setup_logging
@@ -16,10 +17,12 @@ runtime = Runtime(settings)
 
 
 def sources() -> list[ingress.Source]:
-    return [ingress.auth_source(settings)]
+    """The auth service's queue, plus Keycloak's when ``SESSIOND_KEYCLOAK_EXCHANGE`` is set."""
+    return ingress.sources_for(settings)
 
 
 broker = build_broker(settings, runtime, sources)
+broker.add_middleware(OutboxMiddleware(runtime))
 dramatiq.set_broker(broker)
 actors = events.declare(runtime, broker)
 actors += jobs.declare(runtime, broker)

@@ -6,6 +6,11 @@ Dramatiq message to the partition queue of its user, or to the dead-letter queue
 The channel is in AMQP transaction mode: a batch's publishes and the acknowledgement of its inputs
 commit together, so a crash in between redelivers the batch (duplicates are harmless) and loses
 nothing.
+
+Sources are pluggable (``Source``: a queue, how to declare it, how to decode its bodies): the auth
+service's queue always, and with ``SESSIOND_KEYCLOAK_EXCHANGE`` set, sessiond's own durable queue
+``SESSIOND_KEYCLOAK_QUEUE`` bound to that exchange with each of ``SESSIOND_KEYCLOAK_ROUTING_KEYS``
+(``sessiond.keycloak``: Keycloak's event-listener plugin, CONTRACT §7).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,29 +31,64 @@ from dramatiq.middleware import Middleware
 
 from actors import deadletter
 from actors.topology import JOBS_QUEUE, actor_name, declare_dramatiq_queue, partition_queues
-from sessiond import amqp
+from sessiond import amqp, keycloak
 from sessiond.config import Settings
 from sessiond.errors import InvalidEvent
 from sessiond.events import Event, decode_event, partition_of, partition_queue
 
 log = logging.getLogger(__name__)
 
-Decoder = Callable[[bytes, datetime], Event | None]
-"""Turns a body into an event; ``None`` means "valid but nothing to do" (e.g. a Keycloak event
-type sessiond ignores); ``InvalidEvent`` means dead-letter it."""
+Decoder = Callable[[bytes, datetime, str], Event | None]
+"""Turns a body (and its routing key) into an event; ``None`` means "valid but nothing to do"
+(e.g. a Keycloak event type sessiond ignores); ``InvalidEvent`` means dead-letter it."""
+
+Declare = Callable[[Any], None]
+"""Declares a source's queue and bindings on a channel (idempotent)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Source:
     queue: str
     decode: Decoder
+    declare: Declare | None = None
+    name: str = "auth"
 
 
 def auth_source(settings: Settings) -> Source:
-    def decode(body: bytes, received_at: datetime) -> Event:
+    """The auth service's queue (CONTRACT §1); ``amqp.declare_topology`` declares it."""
+
+    def decode(body: bytes, received_at: datetime, routing_key: str = "") -> Event:
         return decode_event(body, received_at=received_at, max_bytes=settings.max_event_bytes)
 
     return Source(settings.ingest_queue, decode)
+
+
+def keycloak_source(settings: Settings) -> Source:
+    """Keycloak's plugin messages (CONTRACT §7) from our own durable queue on its exchange."""
+    exchange = settings.keycloak_exchange
+    if not exchange:
+        raise ValueError("SESSIOND_KEYCLOAK_EXCHANGE is not set")
+    decoder = keycloak.KeycloakDecoder(max_bytes=settings.max_event_bytes)
+
+    def declare(ch: Any) -> None:
+        # ``amq.*`` exchanges exist in every vhost and may not be declared by clients.
+        if exchange.startswith("amq."):
+            ch.exchange_declare(exchange, exchange_type="topic", passive=True)
+        else:
+            ch.exchange_declare(exchange, exchange_type="topic", durable=True)
+        ch.queue_declare(settings.keycloak_queue, durable=True)
+        for key in keycloak.bindings(settings.keycloak_routing_keys):
+            ch.queue_bind(settings.keycloak_queue, exchange, routing_key=key)
+
+    return Source(settings.keycloak_queue, decoder, declare, name=keycloak.SOURCE)
+
+
+def sources_for(settings: Settings) -> list[Source]:
+    """Every source the settings ask for: auth always, Keycloak when its exchange is set."""
+    found = [auth_source(settings)]
+    if settings.keycloak_exchange:
+        found.append(keycloak_source(settings))
+    return found
 
 
 @dataclass(slots=True)
@@ -99,6 +140,9 @@ class Ingress(threading.Thread):
         self.stopping = threading.Event()
         self.forwarded = 0
         self.dead_lettered = 0
+        self.ignored: Counter[str] = Counter()
+        self.report_every_s = 60.0
+        self._reported_at = time.monotonic()
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping.set()
@@ -126,6 +170,9 @@ class Ingress(threading.Thread):
         try:
             ch = conn.channel()
             amqp.declare_topology(ch, self.settings)
+            for source in self.sources:
+                if source.declare is not None:
+                    source.declare(ch)
             for queue in [*partition_queues(self.settings.partitions), JOBS_QUEUE]:
                 declare_dramatiq_queue(ch, queue)
             ch.basic_qos(prefetch_count=self.batch_size * 2)
@@ -157,14 +204,16 @@ class Ingress(threading.Thread):
     def _forward(self, ch: Any, batch: list[_Delivery]) -> None:
         received_at = datetime.now(UTC)
         forwarded = dead = 0
+        ignored: Counter[str] = Counter()
         for d in batch:
             try:
-                event = d.source.decode(d.body, received_at)
+                event = d.source.decode(d.body, received_at, d.method.routing_key or "")
             except InvalidEvent as exc:
                 self._dead_letter(ch, d, exc)
                 dead += 1
                 continue
             if event is None:
+                ignored[d.source.name] += 1
                 continue
             msg = event_message(event, d.body, self.settings.partitions)
             ch.basic_publish(
@@ -178,7 +227,28 @@ class Ingress(threading.Thread):
         ch.tx_commit()
         self.forwarded += forwarded
         self.dead_lettered += dead
-        log.debug("ingress batch", extra={"forwarded": forwarded, "dead_lettered": dead})
+        self.ignored.update(ignored)
+        log.debug(
+            "ingress batch",
+            extra={"forwarded": forwarded, "dead_lettered": dead, "ignored": dict(ignored)},
+        )
+        if time.monotonic() - self._reported_at >= self.report_every_s:
+            self._reported_at = time.monotonic()
+            log.info("ingress totals", extra=self.totals())
+
+    def totals(self) -> dict[str, Any]:
+        """Running counts: forwarded, dead-lettered, ignored per source, and what each Keycloak
+        decoder saw (``LOGIN``, ``ignored:<TYPE>``, ``error:<TYPE>``)."""
+        return {
+            "forwarded": self.forwarded,
+            "dead_lettered": self.dead_lettered,
+            "ignored": dict(self.ignored),
+            "decoded": {
+                s.name: dict(s.decode.counts)
+                for s in self.sources
+                if isinstance(s.decode, keycloak.KeycloakDecoder)
+            },
+        }
 
     def _dead_letter(self, ch: Any, d: _Delivery, exc: InvalidEvent) -> None:
         log.warning(
@@ -225,5 +295,6 @@ class IngressMiddleware(Middleware):
         if self.thread is not None:
             started = time.monotonic()
             self.thread.stop()
-            log.info("ingress stopped", extra={"took_s": round(time.monotonic() - started, 3)})
+            took = round(time.monotonic() - started, 3)
+            log.info("ingress stopped", extra={"took_s": took, **self.thread.totals()})
             self.thread = None

@@ -55,6 +55,7 @@ async def sweep_job(
         idle_timeout_s=settings.idle_timeout_s,
         batch_size=settings.expiry_batch_size,
         dry_run=dry_run,
+        session_max_s=settings.session_max_s or None,
     )
     return result.to_dict()
 
@@ -75,7 +76,11 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
 
     def expire_idle(scheduled_at: float | None = None) -> None:
         result = runtime.run(sweep_job(settings, runtime.require_cache()))
-        _log_result(EXPIRE, result, lambda r: bool(r["expired"] or r["skipped"]))
+        _log_result(
+            EXPIRE,
+            result,
+            lambda r: bool(r["expired"] or r["skipped"] or r["lifetime_sessions_ended"]),
+        )
 
     def register(fn: Any, name: str, *, max_age_s: float, time_limit_s: int) -> Any:
         return dramatiq.actor(

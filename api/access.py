@@ -47,6 +47,7 @@ FORBIDDEN: Final = "forbidden"
 INVALID_TOKEN: Final = "invalid_token"  # noqa: S105 (a decision name)
 CONNECTED: Final = "connected"
 _TIME_FIELDS: Final = ("seen_at", "last_activity_at", "connected_at")
+_STARTED: Final = "_session_started_epoch"  # parsed once per cached entry, never sent out
 
 REDIS_UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
 """What a Redis call raises when the server is down or unreachable (not a bug of ours)."""
@@ -266,6 +267,7 @@ class AccessControl:
         metrics: Metrics,
         clock: Clock,
         idle_timeout_s: float,
+        session_max_s: float | None = None,
     ) -> None:
         self.tokens = tokens
         self.cache = cache
@@ -277,6 +279,7 @@ class AccessControl:
         self.metrics = metrics
         self.clock = clock
         self.idle_timeout_s = idle_timeout_s
+        self.session_max_s = session_max_s or None
         self._decisions = metrics.decisions
         self._cache_hits = metrics.cache
         self._redis_down = False
@@ -387,6 +390,8 @@ class AccessControl:
         if sid is not None and sid not in user.get("sessions", ()):
             raise self.refuse(principal, route, "session_ended")
         now = self.clock()
+        if self.session_max_s is not None and self._past_lifetime(user, sid, now):
+            raise self.refuse(principal, route, "max_lifetime")
         if last is not None and now - last > self.idle_timeout_s:
             last = max(last, self.recorder.pending(user_id) or 0.0)
             if now - last > self.idle_timeout_s:
@@ -409,11 +414,23 @@ class AccessControl:
             self._redis_failed(exc)
             raise DependencyUnavailable("redis: pending activity unknown") from exc
 
+    def _past_lifetime(self, user: dict[str, Any], sid: str | None, now: float) -> bool:
+        """The token's session (without ``sid``: every open session) started longer ago than
+        ``SESSIOND_SESSION_MAX_S``. The sweep ends such sessions; this refuses them meanwhile."""
+        assert self.session_max_s is not None
+        started: dict[str, float] = user.get(_STARTED) or {}
+        if sid is not None:
+            at = started.get(sid)
+            return at is not None and now - at > self.session_max_s
+        return bool(started) and all(now - at > self.session_max_s for at in started.values())
+
     def _parse(self, raw: bytes) -> tuple[dict[str, Any], float | None]:
         """The cached JSON as a dict and its newest sign-of-life time (connect, flushed activity).
         Remembered by content: identical bytes always mean the identical state."""
         user: dict[str, Any] = json.loads(raw)
         times = [t for t in (_epoch(user.get(name)) for name in _TIME_FIELDS) if t is not None]
+        started = ((sid, _epoch(at)) for sid, at in (user.get("session_started") or {}).items())
+        user[_STARTED] = {sid: t for sid, t in started if t is not None}
         parsed = (user, max(times) if times else None)
         if len(self._parsed) >= 10_000:
             self._parsed.clear()

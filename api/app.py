@@ -100,6 +100,7 @@ async def _open(app: App) -> None:
         metrics=ctx.metrics,
         clock=ctx.clock,
         idle_timeout_s=settings.idle_timeout_s,
+        session_max_s=settings.session_max_s,
     )
     if ctx.tokens.keys is not None:
         await ctx.tokens.keys.refresh(force=True)

@@ -48,7 +48,13 @@ class Settings(BaseSettings):
     retry_max_age_s: int = Field(default=3600, ge=1)
     keycloak_exchange: str | None = None
     keycloak_routing_keys: str = "KK.EVENT.CLIENT.#"
+    keycloak_queue: str = "sessiond.keycloak"
     events_out_exchange: str = "sessiond.events"
+    # Lifecycle events out (CONTRACT §7): the outbox relay in every worker process.
+    outbox_relay: bool = True
+    outbox_poll_s: float = Field(default=0.5, gt=0)
+    outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
+    outbox_retention_s: int = Field(default=86_400, ge=0)
 
     # Timing (CONTRACT §3).
     idle_timeout_s: int = Field(default=1800, ge=1)

@@ -35,6 +35,8 @@ class UserSnapshot:
     name: str | None = None
     email: str | None = None
     sessions: list[str] = field(default_factory=list)
+    # Start time of each open session: the API refuses one older than ``SESSIOND_SESSION_MAX_S``.
+    session_started: dict[str, datetime] = field(default_factory=dict)
     connected_at: datetime | None = None
     seen_at: datetime | None = None
     last_activity_at: datetime | None = None
@@ -48,6 +50,7 @@ class UserSnapshot:
         for key in ("connected_at", "seen_at", "last_activity_at"):
             value = data[key]
             data[key] = value.isoformat() if value is not None else None
+        data["session_started"] = {k: v.isoformat() for k, v in self.session_started.items()}
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
@@ -56,6 +59,8 @@ class UserSnapshot:
         for key in ("connected_at", "seen_at", "last_activity_at"):
             if data.get(key):
                 data[key] = datetime.fromisoformat(data[key])
+        started = data.get("session_started") or {}  # absent in entries cached by 0.1.0
+        data["session_started"] = {k: datetime.fromisoformat(v) for k, v in started.items()}
         return cls(**data)
 
 

@@ -63,6 +63,8 @@ class Session(Model):
             PartialIndex(
                 fields=("started_at",), condition={"status": CONNECTED}, name="sessions_open_idx"
             ),
+            # ``DELETE /admin/sessions/<session_id>`` without ``user_id`` finds the owner by id.
+            Index(fields=("session_id",), name="sessions_session_id_idx"),
         )
 
 
@@ -96,4 +98,28 @@ class AuditEvent(Model):
         indexes = (
             Index(fields=("user_id", "at"), name="audit_user_at_idx"),
             Index(fields=("at",), name="audit_at_idx"),
+        )
+
+
+class OutboxEvent(Model):
+    """A lifecycle event out (CONTRACT §7), written in the transaction of its state change and
+    published by the relay (``actors.outbox``); ``sent_at`` is set once the broker confirmed it."""
+
+    id = fields.BigIntField(pk=True)
+    created_at = fields.DatetimeField(auto_now_add=True)
+    type = fields.CharField(max_length=32)
+    event_id = fields.UUIDField(unique=True)
+    user_id = fields.CharField(max_length=128)
+    session_id = fields.CharField(max_length=128, null=True)
+    reason = fields.CharField(max_length=32, null=True)
+    occurred_at = fields.DatetimeField()
+    sent_at = fields.DatetimeField(null=True)
+
+    class Meta:
+        table = "outbox"
+        indexes = (
+            # The relay's scan (``sent_at IS NULL ORDER BY id``), the purge of old sent rows, and
+            # the per-user ordering check. Plain indexes: sent rows are purged after a retention.
+            Index(fields=("sent_at", "id"), name="outbox_sent_idx"),
+            Index(fields=("user_id", "sent_at", "id"), name="outbox_user_sent_idx"),
         )

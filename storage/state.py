@@ -11,6 +11,13 @@ Ordering safety comes from the data, never from the queue (CONTRACT §1):
 
 The user row is locked (``FOR UPDATE``) for the whole transaction, so one user's changes commit in
 a total order and ``users.version`` increases with it; the cache refuses older versions.
+
+Each change also writes its lifecycle events out (``session.started``, ``session.ended``,
+``user.disconnected``) to the outbox in the same transaction (``storage.outbox``, CONTRACT §7).
+
+Session rules (``Limits``): with ``SESSIOND_MAX_SESSIONS_PER_USER``, a session that starts beyond
+the limit ends the user's oldest open sessions (reason ``session_limit``); the absolute lifetime
+``SESSIOND_SESSION_MAX_S`` is enforced by the sweep (``storage.expiry``) and the API.
 """
 
 from __future__ import annotations
@@ -24,12 +31,26 @@ from typing import Any
 from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
+from sessiond.config import Settings, get_settings
 from sessiond.events import Event
+from storage import outbox
 from storage.cache import Cache, UserSnapshot
 from storage.db import conn
 from storage.models import CONNECTED, DISCONNECTED, ENDED
 
 IMPLICIT = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Session rules applied when a session starts; ``None`` means unlimited."""
+
+    max_sessions_per_user: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        limit = settings.max_sessions_per_user
+        return cls(max_sessions_per_user=limit if limit and limit > 0 else None)
 
 
 @dataclass(slots=True)
@@ -56,7 +77,8 @@ async def _lock_user(db: BaseDBAsyncClient, user_id: str) -> dict[str, Any]:
 
 async def _snapshot(db: BaseDBAsyncClient, user: dict[str, Any]) -> UserSnapshot:
     rows = await db.execute_query_dict(
-        "SELECT session_id FROM sessions WHERE user_id = $1 AND status = $2 ORDER BY started_at",
+        "SELECT session_id, started_at FROM sessions WHERE user_id = $1 AND status = $2"
+        " ORDER BY started_at",
         [user["id"], CONNECTED],
     )
     return UserSnapshot(
@@ -66,6 +88,7 @@ async def _snapshot(db: BaseDBAsyncClient, user: dict[str, Any]) -> UserSnapshot
         name=user["name"],
         email=user["email"],
         sessions=[r["session_id"] for r in rows],
+        session_started={r["session_id"]: r["started_at"] for r in rows},
         connected_at=user["connected_at"],
         seen_at=user["seen_at"],
         last_activity_at=user["last_activity_at"],
@@ -100,9 +123,15 @@ async def audit(
 
 
 async def _settle_user(
-    db: BaseDBAsyncClient, user: dict[str, Any], at: datetime, changed: bool
+    db: BaseDBAsyncClient,
+    user: dict[str, Any],
+    at: datetime,
+    changed: bool,
+    *,
+    reason: str | None = None,
 ) -> dict[str, Any]:
-    """Derives the user's status from their sessions and bumps the version when anything changed."""
+    """Derives the user's status from their sessions and bumps the version when anything changed;
+    a user going from connected to disconnected emits ``user.disconnected`` with ``reason``."""
     rows = await db.execute_query_dict(
         "SELECT count(*) AS n FROM sessions WHERE user_id = $1 AND status = $2",
         [user["id"], CONNECTED],
@@ -115,6 +144,9 @@ async def _settle_user(
             user["seen_at"] = at
         else:
             user["disconnected_at"] = at
+            await outbox.record(
+                db, outbox.USER_DISCONNECTED, user_id=user["id"], reason=reason, occurred_at=at
+            )
         user["status"] = status
     if changed:
         user["version"] += 1
@@ -138,7 +170,9 @@ async def _settle_user(
     return user
 
 
-async def _connect(db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: Outcome) -> bool:
+async def _connect(
+    db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: Outcome, limits: Limits
+) -> bool:
     sid = ev.session_id or IMPLICIT
     at = ev.occurred_at
     if user["logged_out_at"] is not None and at <= user["logged_out_at"]:
@@ -184,8 +218,33 @@ async def _connect(db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], out: 
             occurred_at=at,
             detail={"ip": ev.ip_address} if ev.ip_address else None,
         )
+        await outbox.record(
+            db, outbox.SESSION_STARTED, user_id=ev.user_id, session_ids=[sid], occurred_at=at
+        )
+        if limits.max_sessions_per_user is not None:
+            out.ended_sessions += await _enforce_limit(
+                db, ev, sid, limit=limits.max_sessions_per_user
+            )
     out.reason = "applied"
     return True
+
+
+async def _enforce_limit(
+    db: BaseDBAsyncClient, ev: Event, new_sid: str, *, limit: int
+) -> list[str]:
+    """Ends the oldest open sessions beyond ``limit``; the one just started always stays."""
+    rows = await db.execute_query_dict(
+        "SELECT session_id FROM sessions WHERE user_id = $1 AND status = $2 AND session_id <> $3"
+        " ORDER BY started_at DESC, id DESC OFFSET $4",
+        [ev.user_id, CONNECTED, new_sid, max(limit - 1, 0)],
+    )
+    if not rows:
+        return []
+    oldest = [r["session_id"] for r in rows]
+    return await end_sessions(
+        db, ev.user_id, at=ev.occurred_at, reason="session_limit", source=ev.source,
+        session_ids=oldest, force=True,
+    )  # fmt: skip
 
 
 async def end_sessions(
@@ -197,23 +256,26 @@ async def end_sessions(
     source: str,
     session_ids: Sequence[str] | None = None,
     kind: str = "disconnected",
+    force: bool = False,
 ) -> list[str]:
-    """Ends open sessions (all, or the named ones) not newer than ``at``; journals each one."""
-    if session_ids is None:
-        rows = await db.execute_query_dict(
-            "UPDATE sessions SET status = $2, ended_at = $3, end_reason = $4, last_event_at = $3 "
-            "WHERE user_id = $1 AND status = $5 AND last_event_at <= $3 RETURNING session_id",
-            [user_id, ENDED, at, reason, CONNECTED],
-        )
-    else:
-        rows = await db.execute_query_dict(
-            "UPDATE sessions SET status = $2, ended_at = $3, end_reason = $4, last_event_at = $3 "
-            "WHERE user_id = $1 AND status = $5 AND last_event_at <= $3"
-            " AND session_id = ANY($6::text[])"
-            " RETURNING session_id",
-            [user_id, ENDED, at, reason, CONNECTED, list(session_ids)],
-        )
+    """Ends open sessions (all, or the named ones) not newer than ``at``; journals each one and
+    writes its ``session.ended``. ``force`` ends them even when an event newer than ``at`` was
+    applied to them (a rule or an admin decides, not the event order); their ordering fence
+    stays at the newest of the two times."""
+    fence = "" if force else " AND last_event_at <= $3"
+    rows = await db.execute_query_dict(
+        "UPDATE sessions SET status = $2, ended_at = $3, end_reason = $4,"
+        " last_event_at = GREATEST(last_event_at, $3)"
+        f" WHERE user_id = $1 AND status = $5{fence}"
+        " AND ($6::text[] IS NULL OR session_id = ANY($6::text[]))"
+        " RETURNING session_id, started_at, id",
+        [user_id, ENDED, at, reason, CONNECTED, None if session_ids is None else list(session_ids)],
+    )
+    rows.sort(key=lambda r: (r["started_at"], r["id"]))
     ended = [r["session_id"] for r in rows]
+    await outbox.record(
+        db, outbox.SESSION_ENDED, user_id=user_id, session_ids=ended, reason=reason, occurred_at=at
+    )
     for sid in ended:
         await audit(
             db,
@@ -273,8 +335,11 @@ async def _disconnect(db: BaseDBAsyncClient, ev: Event, user: dict[str, Any], ou
     return True
 
 
-async def apply_event(ev: Event) -> Outcome:
-    """Applies one event exactly once in effect; the caller syncs ``outcome.snapshot`` to Redis."""
+async def apply_event(ev: Event, *, limits: Limits | None = None) -> Outcome:
+    """Applies one event exactly once in effect; the caller syncs ``outcome.snapshot`` to Redis.
+
+    ``limits`` defaults to the process settings (``SESSIOND_MAX_SESSIONS_PER_USER``)."""
+    limits = limits or Limits.from_settings(get_settings())
     out = Outcome(user_id=ev.user_id, applied=False, reason="")
     async with in_transaction() as db:
         user = await _lock_user(db, ev.user_id)
@@ -286,7 +351,7 @@ async def apply_event(ev: Event) -> Outcome:
         if not rows:
             out.reason = "duplicate"
         elif ev.kind == "connected":
-            out.applied = await _connect(db, ev, user, out)
+            out.applied = await _connect(db, ev, user, out, limits)
         else:
             out.applied = await _disconnect(db, ev, user, out)
         if not out.applied and out.reason:
@@ -300,7 +365,8 @@ async def apply_event(ev: Event) -> Outcome:
                 occurred_at=ev.occurred_at,
                 detail={"event": ev.kind},
             )
-        user = await _settle_user(db, user, ev.occurred_at, out.applied)
+        ended_by = "session_limit" if ev.kind == "connected" else "logout"
+        user = await _settle_user(db, user, ev.occurred_at, out.applied, reason=ended_by)
         out.snapshot = await _snapshot(db, user)
     return out
 
@@ -316,11 +382,41 @@ async def force_disconnect(
         if user["logged_out_at"] is None or when > user["logged_out_at"]:
             user["logged_out_at"] = when
         out.ended_sessions = await end_sessions(
-            db, user_id, at=when, reason=reason, source=source, kind="forced_disconnect"
-        )
-        user = await _settle_user(db, user, when, True)
+            db, user_id, at=when, reason=reason, source=source, kind="forced_disconnect",
+            force=True,
+        )  # fmt: skip
+        user = await _settle_user(db, user, when, True, reason=reason)
         out.snapshot = await _snapshot(db, user)
     return out
+
+
+async def revoke_session(
+    user_id: str, session_id: str, *, reason: str, source: str, at: datetime | None = None
+) -> Outcome:
+    """Ends one session of a user (``DELETE /admin/sessions/<id>``); the user stays connected
+    while another of their sessions is open. ``applied`` is False when it was not open."""
+    when = at or datetime.now(UTC)
+    out = Outcome(user_id=user_id, applied=False, reason="not_open")
+    async with in_transaction() as db:
+        user = await _lock_user(db, user_id)
+        out.ended_sessions = await end_sessions(
+            db, user_id, at=when, reason=reason, source=source, session_ids=[session_id],
+            kind="forced_disconnect", force=True,
+        )  # fmt: skip
+        if out.ended_sessions:
+            out.applied, out.reason = True, "applied"
+        user = await _settle_user(db, user, when, out.applied, reason=reason)
+        out.snapshot = await _snapshot(db, user)
+    return out
+
+
+async def find_session_owners(session_id: str) -> list[str]:
+    """The users holding a session with this id (ids are unique per user only)."""
+    rows = await conn().execute_query_dict(
+        "SELECT DISTINCT user_id FROM sessions WHERE session_id = $1 ORDER BY user_id",
+        [session_id],
+    )
+    return [str(r["user_id"]) for r in rows]
 
 
 async def load_snapshot(user_id: str) -> UserSnapshot | None:

@@ -26,7 +26,7 @@ from storage import cache as cache_mod
 from storage import db as db_mod
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("audit_events", "processed_events", "sessions", "users")
+TABLES = ("audit_events", "outbox", "processed_events", "sessions", "users")
 
 
 def wait_until(

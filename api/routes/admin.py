@@ -1,4 +1,11 @@
-"""Admin routes (role ``admin`` in the token's ``roles`` claim): inspect and disconnect users."""
+"""Admin routes (role ``admin`` in the token's ``roles`` claim): inspect and disconnect users,
+revoke one session.
+
+``DELETE /admin/sessions/<session_id>``: session ids are unique per user only, so ``?user_id=``
+names the owner; without it, the owner is looked up, and an id held by several users is refused
+(409 ``{"error": "conflict", "reason": "ambiguous_session"}``) until ``user_id`` is given.
+Keycloak's session ids are UUIDs, so the lookup is what callers normally rely on.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from sanic_ext import openapi
 
 from api.context import Req
 from storage.db import conn
-from storage.state import force_disconnect, publish_snapshot
+from storage.state import find_session_owners, force_disconnect, publish_snapshot, revoke_session
 
 bp = Blueprint("admin", url_prefix="/admin")
 ROUTE: Final = "/admin"
@@ -103,6 +110,35 @@ async def disconnect(request: Req, user_id: str) -> HTTPResponse:
     return json(
         {
             "user_id": user_id,
+            "status": snapshot.status if snapshot is not None else None,
+            "ended_sessions": outcome.ended_sessions,
+        }
+    )
+
+
+@bp.delete("/sessions/<session_id:str>", name="revoke_session")
+@openapi.summary("End one session; the user stays connected while another session is open")
+@openapi.parameter("user_id", str, description="the session's user (required when ambiguous)")
+@openapi.secured("bearer")
+async def revoke(request: Req, session_id: str) -> HTTPResponse:
+    await _guard(request)
+    user_id = request.args.get("user_id") or None
+    if user_id is None:
+        owners = await find_session_owners(session_id)
+        if not owners:
+            raise NotFound("no such session")
+        if len(owners) > 1:
+            return json({"error": "conflict", "reason": "ambiguous_session"}, status=409)
+        user_id = owners[0]
+    elif user_id not in await find_session_owners(session_id):
+        raise NotFound("no such session")
+    outcome = await revoke_session(user_id, session_id, reason="admin", source="admin")
+    await publish_snapshot(request.app.ctx.cache, outcome)
+    snapshot = outcome.snapshot
+    return json(
+        {
+            "user_id": user_id,
+            "session_id": session_id,
             "status": snapshot.status if snapshot is not None else None,
             "ended_sessions": outcome.ended_sessions,
         }

@@ -1,0 +1,239 @@
+"""Keycloak's RabbitMQ event-listener plugin, end to end on real servers: messages of exactly the
+plugin's shape (pretty-printed JSON, ``application/json``, not persistent) published with pika to
+``amq.topic`` → sessiond's own ``sessiond.keycloak`` queue → ingress → partition actors →
+PostgreSQL + Redis → lifecycle events out, with ``sessiond worker`` processes."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pika
+import pytest
+import redis.asyncio as aioredis
+
+from actors import deadletter
+from sessiond import amqp
+from sessiond.config import Settings
+from tests.conftest import Amqp, Process, async_wait_until, truncate, wait_until
+from tests.outbox.support import EventsOut
+
+pytestmark = pytest.mark.integration
+
+EXCHANGE = "amq.topic"
+QUEUE = "sessiond.keycloak"
+TIME_MS = 1_772_366_400_123  # 2026-03-01T12:00:00.123Z
+
+
+@pytest.fixture(scope="module")
+def worker(
+    migrated: Settings, test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Process]:
+    """Two worker processes configured for Keycloak by settings alone."""
+    log = tmp_path_factory.mktemp("kc-worker") / "worker.log"
+    argv = [sys.executable, "-m", "sessiond.cli", "worker", "--processes", "2", "--threads", "2"]
+    env = {
+        **test_env,
+        "SESSIOND_KEYCLOAK_EXCHANGE": EXCHANGE,
+        "SESSIOND_KEYCLOAK_ROUTING_KEYS": "KK.EVENT.CLIENT.#",
+        "SESSIOND_OUTBOX_POLL_S": "0.1",
+        "SESSIOND_LOG_LEVEL": "INFO",
+    }
+    proc = Process(argv, env, log)
+    yield proc
+    assert proc.alive(), f"worker died:\n{proc.output()[-3000:]}"
+    assert proc.stop() == 0, proc.output()[-3000:]
+
+
+class Keycloak:
+    """Publishes as the plugin does: ``amq.topic``, pretty JSON, transient, no confirms."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.conn = pika.BlockingConnection(amqp.connection_parameters(settings))
+        self.ch = self.conn.channel()
+
+    def send(self, body: dict[str, Any] | bytes, *, result: str = "SUCCESS") -> None:
+        event_type = body.get("type", "LOGIN") if isinstance(body, dict) else "LOGIN"
+        key = f"KK.EVENT.CLIENT.myrealm.{result}.web.{event_type}"
+        data = json.dumps(body, indent=2).encode() if isinstance(body, dict) else body
+        self.ch.basic_publish(
+            EXCHANGE, key, data, pika.BasicProperties(content_type="application/json")
+        )
+
+    def queue_ready(self) -> bool:
+        """sessiond's queue exists, is bound and consumed (the worker finished booting)."""
+        try:
+            ok = self.ch.queue_declare(QUEUE, passive=True)
+        except pika.exceptions.ChannelClosedByBroker:
+            self.ch = self.conn.channel()
+            return False
+        return bool(ok.method.consumer_count)
+
+    def close(self) -> None:
+        if self.conn.is_open:
+            self.conn.close()
+
+
+@pytest.fixture
+def keycloak(worker: Process, settings: Settings, broker_client: Amqp) -> Iterator[Keycloak]:
+    kc = Keycloak(settings)
+    wait_until(kc.queue_ready, timeout=60)
+    kc.ch.queue_purge(QUEUE)
+    try:
+        yield kc
+    finally:
+        kc.close()
+
+
+@pytest.fixture
+async def pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
+    await truncate(migrated)
+    conn = await asyncpg.connect(migrated.database_url)
+    await conn.execute("TRUNCATE outbox RESTART IDENTITY")
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def events_out(settings: Settings) -> Iterator[EventsOut]:
+    consumer = EventsOut(settings, queue=f"test.kc.{uuid.uuid4().hex[:8]}")
+    try:
+        yield consumer
+    finally:
+        consumer.close()
+
+
+def plugin_message(event_type: str, user_id: str, session_id: str, **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "@class": "com.github.aznamier.keycloak.event.provider.EventClientNotificationMqMsg",
+        "time": TIME_MS,
+        "type": event_type,
+        "realmId": "0f5c9e1a-7d1c-4f5e-9d43-realm",
+        "clientId": "web",
+        "userId": user_id,
+        "sessionId": session_id,
+        "ipAddress": "10.0.0.7",
+        "details": {"auth_method": "openid-connect", "username": "john"},
+    }
+    body.update(extra)
+    return body
+
+
+async def status_of(pg: asyncpg.Connection, user_id: str) -> str | None:
+    value = await pg.fetchval("SELECT status FROM users WHERE id = $1", user_id)
+    return None if value is None else str(value)
+
+
+async def _is(pg: asyncpg.Connection, user_id: str, status: str) -> bool:
+    return await status_of(pg, user_id) == status
+
+
+async def test_login_then_logout_end_to_end(
+    keycloak: Keycloak,
+    pg: asyncpg.Connection,
+    redis: aioredis.Redis,
+    events_out: EventsOut,
+) -> None:
+    user, sid = f"8d2f-{uuid.uuid4()}", f"b71e-{uuid.uuid4()}"
+    # Given the plugin's LOGIN message
+    keycloak.send(plugin_message("LOGIN", user, sid))
+
+    # Then session sid of the user started at the event's time, with its device data
+    await async_wait_until(lambda: _is(pg, user, "connected"))
+    row = await pg.fetchrow("SELECT * FROM sessions WHERE user_id = $1", user)
+    assert row is not None
+    assert (row["session_id"], row["status"], row["ip_address"], row["source"]) == (
+        sid, "connected", "10.0.0.7", "keycloak",
+    )  # fmt: skip
+    assert row["started_at"] == datetime.fromtimestamp(TIME_MS / 1000, tz=UTC)
+    assert await pg.fetchval("SELECT name FROM users WHERE id = $1", user) == "john"
+    cached = json.loads(await redis.get(f"user:{user}") or "{}")
+    assert cached["sessions"] == [sid]
+    # And session.started went out
+    wait_until(lambda: events_out.of(user) == [("session.started", sid, None)])
+
+    # When the plugin's LOGOUT follows
+    keycloak.send(plugin_message("LOGOUT", user, sid, time=TIME_MS + 60_000))
+
+    # Then the session ended, the user is disconnected and evicted, and both events went out
+    await async_wait_until(lambda: _is(pg, user, "disconnected"))
+    assert await redis.exists(f"user:{user}") == 0
+    wait_until(
+        lambda: (
+            events_out.of(user)
+            == [
+                ("session.started", sid, None),
+                ("session.ended", sid, "logout"),
+                ("user.disconnected", None, "logout"),
+            ]
+        )
+    )
+
+
+async def test_other_types_and_errors_change_nothing(
+    keycloak: Keycloak, pg: asyncpg.Connection, settings: Settings, broker_client: Amqp
+) -> None:
+    # Given events sessiond ignores: other types, a failed LOGIN (ERROR result) and one carrying
+    # an error field; then a successful LOGIN as a marker
+    keycloak.send(plugin_message("CODE_TO_TOKEN", "u-token", "s1"))
+    keycloak.send(plugin_message("REFRESH_TOKEN", "u-token", "s1"))
+    keycloak.send(plugin_message("LOGIN", "u-error", "s2", error="invalid_user_credentials"))
+    keycloak.send(plugin_message("LOGIN", "u-error-key", "s3"), result="ERROR")
+    keycloak.send(plugin_message("LOGIN", "u-marker", "s4"))
+    await async_wait_until(lambda: _is(pg, "u-marker", "connected"))
+
+    # Then only the marker did anything: no other user, no dead letter
+    assert [r["id"] for r in await pg.fetch("SELECT id FROM users")] == ["u-marker"]
+    assert await pg.fetchval("SELECT count(*) FROM processed_events") == 1
+    assert broker_client.depth(settings.dead_letter_queue) == 0
+    assert keycloak.ch.queue_declare(QUEUE, passive=True).method.message_count == 0
+
+
+async def test_redelivered_login_is_a_no_op(
+    keycloak: Keycloak, pg: asyncpg.Connection, events_out: EventsOut
+) -> None:
+    message = plugin_message("LOGIN", "u-dup", "s1")
+    keycloak.send(message)
+    keycloak.send(message)
+    await async_wait_until(
+        lambda: pg.fetchval(
+            "SELECT count(*) FROM audit_events WHERE user_id = 'u-dup' AND reason = 'duplicate'"
+        )
+    )
+    wait_until(lambda: events_out.of("u-dup") == [("session.started", "s1", None)])
+    assert await pg.fetchval("SELECT count(*) FROM sessions WHERE user_id = 'u-dup'") == 1
+
+
+async def test_invalid_messages_are_dead_lettered_with_reason(
+    keycloak: Keycloak, pg: asyncpg.Connection, settings: Settings, broker_client: Amqp
+) -> None:
+    keycloak.send(b"{not json")
+    keycloak.send(plugin_message("LOGIN", "", "s1"))
+    keycloak.send(plugin_message("LOGOUT", "u-nosid", "s1", sessionId=None))
+    wait_until(lambda: broker_client.depth(settings.dead_letter_queue) >= 3)
+    letters = list(deadletter.listing(settings, limit=10))
+    assert sorted(letter.reason for letter in letters) == [
+        "missing_session_id", "missing_user_id", "not_json",
+    ]  # fmt: skip
+    assert {letter.source_queue for letter in letters} == {QUEUE}
+    assert {letter.exchange for letter in letters} == {EXCHANGE}
+    assert letters[0].routing_key.startswith("KK.EVENT.CLIENT.myrealm.SUCCESS.web.")
+    await async_wait_until(
+        lambda: pg.fetchval("SELECT count(*) FROM audit_events WHERE kind = 'dead_lettered'")
+    )

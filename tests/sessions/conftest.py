@@ -1,0 +1,62 @@
+"""Fixtures for the session rules: a raw PostgreSQL connection (the outbox is emptied too: the
+shared ``truncate`` does not know that table), a fixed clock, and the in-process API."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+
+from sessiond.config import Settings
+
+NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+
+
+async def clear_outbox(settings: Settings) -> None:
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        await conn.execute("TRUNCATE outbox RESTART IDENTITY")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """Tortoise open on empty tables (outbox included), plus a raw connection to look at them."""
+    await clear_outbox(db)
+    conn = await asyncpg.connect(db.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def raw_pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection only (for tests whose API opens Tortoise itself)."""
+    await clear_outbox(migrated)
+    conn = await asyncpg.connect(migrated.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+async def outbox_rows(pg: asyncpg.Connection, user_id: str | None = None) -> list[dict[str, Any]]:
+    """Events written so far, in publication order, as ``(type, user, session, reason)`` dicts."""
+    rows = await pg.fetch(
+        "SELECT type, user_id, session_id, reason, occurred_at FROM outbox"
+        " WHERE $1::text IS NULL OR user_id = $1 ORDER BY id",
+        user_id,
+    )
+    return [dict(r) for r in rows]
+
+
+def kinds(rows: list[dict[str, Any]]) -> list[tuple[str, str | None, str | None]]:
+    return [(r["type"], r["session_id"], r["reason"]) for r in rows]
+
+
+from tests.api.conftest import api, api_factory  # noqa: E402, F401
