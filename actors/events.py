@@ -7,6 +7,7 @@ past it, the original event goes to the dead-letter queue with its reason instea
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
@@ -23,10 +24,17 @@ from storage import db, state
 log = logging.getLogger(__name__)
 
 
-async def apply_and_sync(runtime: Runtime, event: Event) -> state.Outcome:
-    outcome = await state.apply_event(event)
-    await state.publish_snapshot(runtime.require_cache(), outcome)
-    return outcome
+ISOLATE_AFTER = 2
+"""Retries of a batch in one transaction before its events are applied one by one, so that an
+event that cannot be applied holds back, and finally dead-letters, only itself."""
+
+
+async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Outcome]:
+    """One transaction for the batch, then the users' final snapshots to Redis, concurrently."""
+    outcomes = await state.apply_events(events)
+    cache = runtime.require_cache()
+    await asyncio.gather(*(state.publish_snapshot(cache, o) for o in outcomes if o.snapshot))
+    return outcomes
 
 
 def _budget_spent(runtime: Runtime, message: Any) -> str | None:
@@ -42,44 +50,65 @@ def _budget_spent(runtime: Runtime, message: Any) -> str | None:
 
 
 def _dead_letter(
-    runtime: Runtime, broker: dramatiq.Broker, message: Any, raw: str, reason: str, detail: str
+    runtime: Runtime,
+    broker: dramatiq.Broker,
+    message: Any,
+    item: dict[str, Any],
+    reason: str,
+    detail: str,
 ) -> None:
+    """The original body, with the exchange and routing key it was published with, so that
+    ``sessiond dlq replay`` sends it back through the same decoder."""
     props = deadletter.properties(
         reason=reason,
         detail=detail,
         source_queue=message.queue_name if message else "",
-        exchange=runtime.settings.events_exchange,
-        routing_key="replay",
+        exchange=str(item.get("exchange") or runtime.settings.events_exchange),
+        routing_key=str(item.get("routing_key") or "replay"),
         attempts=int(message.options.get("retries", 0)) + 1 if message else 1,
     )
     channel = broker.channel  # type: ignore[attr-defined]
     channel.queue_declare(runtime.settings.dead_letter_queue, durable=True)
-    deadletter.publish(channel, runtime.settings, raw.encode("utf-8"), props)
+    deadletter.publish(channel, runtime.settings, str(item.get("raw", "")).encode("utf-8"), props)
     log.error("event dead-lettered", extra={"reason": reason, "detail": detail[:300]})
+    user_id = item.get("event", {}).get("user_id") if isinstance(item.get("event"), dict) else None
+    record_dead_letter_later(broker, reason, detail, message, user_id=user_id)
 
 
-def process(runtime: Runtime, broker: dramatiq.Broker, wire: dict[str, Any], raw: str) -> None:
+def process(runtime: Runtime, broker: dramatiq.Broker, items: list[dict[str, Any]]) -> None:
+    """Applies a partition's batch; acknowledged (by returning) only after the commit."""
     message = CurrentMessage.get_current_message()
-    try:
-        event = Event.from_wire(wire)
-    except (KeyError, TypeError, ValueError) as exc:
-        _dead_letter(runtime, broker, message, raw, "undecodable", repr(exc))
-        record_dead_letter_later(broker, "undecodable", repr(exc), message)
+    good: list[tuple[Event, dict[str, Any]]] = []
+    for item in items:
+        try:
+            good.append((Event.from_wire(item["event"]), item))
+        except (KeyError, TypeError, ValueError) as exc:
+            _dead_letter(runtime, broker, message, item, "undecodable", repr(exc))
+    if not good:
         return
-    try:
-        outcome = runtime.run(apply_and_sync(runtime, event))
-    except Exception as exc:
-        spent = _budget_spent(runtime, message)
-        if spent is None:
-            raise  # Dramatiq's Retries middleware schedules the next attempt with backoff
-        reason = spent.split(" ", 1)[0]
-        _dead_letter(runtime, broker, message, raw, reason, f"{spent}: {exc!r}")
-        record_dead_letter_later(broker, reason, repr(exc), message, user_id=event.user_id)
+    retries = int(message.options.get("retries", 0)) if message else 0
+    if retries < ISOLATE_AFTER:
+        try:
+            runtime.run(apply_and_sync(runtime, [event for event, _ in good]))
+            return
+        except Exception:
+            if _budget_spent(runtime, message) is None and retries + 1 < ISOLATE_AFTER:
+                raise  # Dramatiq's Retries middleware schedules the next attempt with backoff
+            log.warning("batch failed; applying its events one by one", exc_info=True)
+    failed: list[tuple[dict[str, Any], Exception]] = []
+    for event, item in good:
+        try:
+            runtime.run(apply_and_sync(runtime, [event]))
+        except Exception as exc:
+            failed.append((item, exc))
+    if not failed:
         return
-    log.debug(
-        "event applied",
-        extra={"user_id": event.user_id, "kind": event.kind, "result": outcome.reason},
-    )
+    spent = _budget_spent(runtime, message)
+    if spent is None:
+        raise failed[0][1]  # retried whole: the events applied meanwhile are duplicates, no-ops
+    reason = spent.split(" ", 1)[0]
+    for item, error in failed:
+        _dead_letter(runtime, broker, message, item, reason, f"{spent}: {error!r}")
 
 
 def record_dead_letter_later(
@@ -103,13 +132,13 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
     actors: list[dramatiq.Actor[Any, Any]] = []
     for index in range(settings.partitions):
 
-        def apply_event(wire: dict[str, Any], raw: str) -> None:
-            process(runtime, broker, wire, raw)
+        def apply_events(items: list[dict[str, Any]]) -> None:
+            process(runtime, broker, items)
 
         actors.append(
             dramatiq.actor(
                 actor_name=actor_name(index), queue_name=partition_queue(index), broker=broker
-            )(apply_event)
+            )(apply_events)
         )
 
     def record_dead_letter(

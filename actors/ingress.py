@@ -99,16 +99,35 @@ class _Delivery:
     body: bytes
 
 
-def event_message(event: Event, raw: bytes, partitions: int) -> dramatiq.Message[Any]:
-    """The Dramatiq envelope for one event: the validated event plus the original body."""
-    index = partition_of(event.user_id, partitions)
-    return dramatiq.Message(
-        queue_name=partition_queue(index),
-        actor_name=actor_name(index),
-        args=(event.to_wire(), raw.decode("utf-8")),
-        kwargs={},
-        options={},
-    )
+def event_item(event: Event, raw: bytes, exchange: str, routing_key: str) -> dict[str, Any]:
+    """One event as it travels to its partition: validated, plus the original body and where it
+    came from, so that a dead letter can be replayed exactly as it was published."""
+    return {
+        "event": event.to_wire(),
+        "raw": raw.decode("utf-8"),
+        "exchange": exchange,
+        "routing_key": routing_key,
+    }
+
+
+def partition_messages(
+    items: list[tuple[str, dict[str, Any]]], partitions: int
+) -> list[dramatiq.Message[Any]]:
+    """One Dramatiq message per partition for a batch of ``(user_id, item)``, in arrival order:
+    the partition's actor applies them in one transaction."""
+    grouped: dict[int, list[dict[str, Any]]] = {}
+    for user_id, item in items:
+        grouped.setdefault(partition_of(user_id, partitions), []).append(item)
+    return [
+        dramatiq.Message(
+            queue_name=partition_queue(index),
+            actor_name=actor_name(index),
+            args=(batch,),
+            kwargs={},
+            options={},
+        )
+        for index, batch in sorted(grouped.items())
+    ]
 
 
 def journal_message(reason: str, detail: str, source_queue: str) -> dramatiq.Message[Any]:
@@ -205,6 +224,7 @@ class Ingress(threading.Thread):
         received_at = datetime.now(UTC)
         forwarded = dead = 0
         ignored: Counter[str] = Counter()
+        items: list[tuple[str, dict[str, Any]]] = []
         for d in batch:
             try:
                 event = d.source.decode(d.body, received_at, d.method.routing_key or "")
@@ -215,14 +235,16 @@ class Ingress(threading.Thread):
             if event is None:
                 ignored[d.source.name] += 1
                 continue
-            msg = event_message(event, d.body, self.settings.partitions)
+            item = event_item(event, d.body, d.method.exchange, d.method.routing_key or "")
+            items.append((event.user_id, item))
+            forwarded += 1
+        for msg in partition_messages(items, self.settings.partitions):
             ch.basic_publish(
                 exchange="",
                 routing_key=msg.queue_name,
                 body=msg.encode(),
                 properties=pika.BasicProperties(delivery_mode=2),
             )
-            forwarded += 1
         ch.basic_ack(batch[-1].method.delivery_tag, multiple=True)
         ch.tx_commit()
         self.forwarded += forwarded

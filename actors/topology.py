@@ -26,4 +26,4 @@ def partition_queues(partitions: int) -> list[str]:
 
 
 def actor_name(partition: int) -> str:
-    return f"apply_event_p{partition}"
+    return f"apply_events_p{partition}"
