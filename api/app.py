@@ -15,6 +15,7 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic_ext import Extend
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
+from tortoise.exceptions import OperationalError
 
 from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock, Recorder
 from api.context import App, AppContext
@@ -79,6 +80,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     # a 500: asyncpg's connection errors are not OSErrors.
     for kind in DB_CONNECTION_ERRORS:
         app.error_handler.add(kind, _db_unavailable)
+    app.error_handler.add(OperationalError, _db_operational)
     app.register_listener(_open, "before_server_start")
     app.register_listener(_close, "after_server_stop")
     return app
@@ -110,6 +112,15 @@ async def _open(app: App) -> None:
 def _db_unavailable(request: Request, exception: Exception) -> HTTPResponse:
     wrapped = DependencyUnavailable(f"postgres: {type(exception).__name__}")
     return request.app.error_handler.default(request, wrapped)
+
+
+def _db_operational(request: Request, exception: Exception) -> HTTPResponse:
+    """Tortoise wraps every driver error in ``OperationalError``: only a lost connection (its
+    cause) is 503; a failing statement stays a 500, a bug to see."""
+    cause = exception.__cause__
+    if isinstance(cause, (OSError, TimeoutError, *DB_CONNECTION_ERRORS)):
+        return _db_unavailable(request, exception)
+    return request.app.error_handler.default(request, exception)
 
 
 async def _close(app: App) -> None:

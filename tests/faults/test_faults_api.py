@@ -140,6 +140,9 @@ async def test_postgres_down_cache_hit_answers_miss_is_503(
         assert me.status == 503
         readiness = await api.get("/health/ready")
         assert readiness.status == 503 and readiness.json()["down"] == ["postgres"]
+        # Admin routes read PostgreSQL only: 503 too, never a 500
+        admin = await api.get("/admin/users/cached", token=mint("root", roles=["admin"]))
+        assert (admin.status, admin.json()["error"]) == (503, "unavailable")
     finally:
         stack.start(servers_back, "postgres")
     # Then it recovers by itself (the pool reconnects)
