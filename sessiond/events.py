@@ -65,26 +65,46 @@ class Event:
         return cls(**fields)
 
 
-def _text(obj: dict[str, Any], key: str, limit: int, *, required: bool = False) -> str | None:
+def text_field(
+    obj: dict[str, Any], key: str, limit: int, *, reason: str | None = None, required: bool = False
+) -> str | None:
+    """A string (or integer) field, checked so that everything downstream can store and hash it:
+    absent or empty is ``None`` (or ``missing_<reason>`` when required); too long, NUL or not
+    encodable as UTF-8 (a lone surrogate, which JSON allows) is ``invalid_<reason>``."""
+    reason = reason or key
     value = obj.get(key)
-    if value is None:
+    if value is None or value == "":
         if required:
-            raise InvalidEvent(f"missing_{key}")
+            raise InvalidEvent(f"missing_{reason}", f"{key} is absent or empty")
         return None
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise InvalidEvent(f"invalid_{key}", f"{key} must be a string")
+        raise InvalidEvent(f"invalid_{reason}", f"{key} must be a string")
     text = str(value)
     if required and not text.strip():
-        raise InvalidEvent(f"missing_{key}", f"{key} is empty")
+        raise InvalidEvent(f"missing_{reason}", f"{key} is blank")
     if len(text) > limit:
-        raise InvalidEvent(f"invalid_{key}", f"{key} longer than {limit} characters")
+        raise InvalidEvent(f"invalid_{reason}", f"{key} longer than {limit} characters")
     if "\x00" in text:
-        raise InvalidEvent(f"invalid_{key}", f"{key} contains NUL")
+        raise InvalidEvent(f"invalid_{reason}", f"{key} contains NUL")
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate: JSON allows "\ud800", UTF-8 does not
-        raise InvalidEvent(f"invalid_{key}", f"{key} is not valid Unicode") from None
+    except UnicodeEncodeError:
+        raise InvalidEvent(f"invalid_{reason}", f"{key} is not valid Unicode") from None
     return text
+
+
+def load_object(body: bytes, max_bytes: int) -> dict[str, Any]:
+    """The size check, then a JSON object, or ``InvalidEvent`` (``too_large``, ``not_json``,
+    ``not_object``): the first steps of every decoder."""
+    if len(body) > max_bytes:
+        raise InvalidEvent("too_large", f"{len(body)} bytes > {max_bytes}")
+    try:
+        obj = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InvalidEvent("not_json", str(exc)[:200]) from None
+    if not isinstance(obj, dict):
+        raise InvalidEvent("not_object", type(obj).__name__)
+    return obj
 
 
 def parse_time(value: Any, *, received_at: datetime) -> datetime:
@@ -112,20 +132,13 @@ def parse_time(value: Any, *, received_at: datetime) -> datetime:
 
 def decode_event(body: bytes, *, received_at: datetime, max_bytes: int = 64 * 1024) -> Event:
     """A raw message body as an ``Event``, or ``InvalidEvent`` with a stable reason."""
-    if len(body) > max_bytes:
-        raise InvalidEvent("too_large", f"{len(body)} bytes > {max_bytes}")
-    try:
-        obj = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InvalidEvent("not_json", str(exc)[:200]) from None
-    if not isinstance(obj, dict):
-        raise InvalidEvent("not_object", type(obj).__name__)
+    obj = load_object(body, max_bytes)
     kind = obj.get("event")
     if kind not in KINDS:
         raise InvalidEvent("unknown_event", repr(kind)[:100])
-    user_id = _text(obj, "user_id", MAX_USER_ID, required=True)
+    user_id = text_field(obj, "user_id", MAX_USER_ID, required=True)
     assert user_id is not None
-    session_id = _text(obj, "session_id", MAX_SESSION_ID)
+    session_id = text_field(obj, "session_id", MAX_SESSION_ID)
     if session_id == "":
         session_id = None
     return Event(
@@ -133,9 +146,9 @@ def decode_event(body: bytes, *, received_at: datetime, max_bytes: int = 64 * 10
         user_id=user_id,
         occurred_at=parse_time(obj.get("occurred_at"), received_at=received_at),
         session_id=session_id,
-        event_id=_text(obj, "event_id", MAX_EVENT_ID) or None,
-        name=_text(obj, "name", MAX_NAME) if kind == "connected" else None,
-        email=_text(obj, "email", MAX_EMAIL) if kind == "connected" else None,
+        event_id=text_field(obj, "event_id", MAX_EVENT_ID) or None,
+        name=text_field(obj, "name", MAX_NAME) if kind == "connected" else None,
+        email=text_field(obj, "email", MAX_EMAIL) if kind == "connected" else None,
     )
 
 

@@ -24,7 +24,6 @@ plugin's ``id`` (Keycloak 22+) when present, else a hash of kind, user, session 
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from datetime import datetime
 from typing import Any, Final
@@ -38,7 +37,9 @@ from sessiond.events import (
     MAX_USER_ID,
     Event,
     EventKind,
+    load_object,
     parse_time,
+    text_field,
 )
 
 SOURCE: Final = "keycloak"
@@ -54,24 +55,6 @@ def bindings(routing_keys: str) -> list[str]:
 def is_error(routing_key: str, obj: dict[str, Any]) -> bool:
     """A failed attempt: the plugin's ``ERROR`` result segment, or an ``error`` field."""
     return ".ERROR." in f".{routing_key}." or obj.get("error") is not None
-
-
-def _text(
-    obj: dict[str, Any], key: str, limit: int, reason: str, *, required: bool = False
-) -> str | None:
-    value = obj.get(key)
-    if value is None or value == "":
-        if required:
-            raise InvalidEvent(f"missing_{reason}", f"{key} is absent or empty")
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise InvalidEvent(f"invalid_{reason}", f"{key} must be a string")
-    text = str(value)
-    if required and not text.strip():
-        raise InvalidEvent(f"missing_{reason}", f"{key} is blank")
-    if len(text) > limit or "\x00" in text:
-        raise InvalidEvent(f"invalid_{reason}", f"{key} longer than {limit} characters or NUL")
-    return text
 
 
 def _time(value: Any, received_at: datetime) -> datetime:
@@ -95,14 +78,7 @@ class KeycloakDecoder:
         return self.decode(body, received_at=received_at, routing_key=routing_key)
 
     def decode(self, body: bytes, *, received_at: datetime, routing_key: str = "") -> Event | None:
-        if len(body) > self.max_bytes:
-            raise InvalidEvent("too_large", f"{len(body)} bytes > {self.max_bytes}")
-        try:
-            obj = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise InvalidEvent("not_json", str(exc)[:200]) from None
-        if not isinstance(obj, dict):
-            raise InvalidEvent("not_object", type(obj).__name__)
+        obj = load_object(body, self.max_bytes)
         event_type = obj.get("type")
         if not isinstance(event_type, str) or not event_type:
             raise InvalidEvent("unknown_event", f"type {event_type!r}"[:100])
@@ -118,8 +94,10 @@ class KeycloakDecoder:
         return event
 
     def _event(self, obj: dict[str, Any], kind: EventKind, received_at: datetime) -> Event:
-        user_id = _text(obj, "userId", MAX_USER_ID, "user_id", required=True)
-        session_id = _text(obj, "sessionId", MAX_SESSION_ID, "session_id", required=True)
+        user_id = text_field(obj, "userId", MAX_USER_ID, reason="user_id", required=True)
+        session_id = text_field(
+            obj, "sessionId", MAX_SESSION_ID, reason="session_id", required=True
+        )
         assert user_id is not None and session_id is not None
         details = obj.get("details")
         if details is not None and not isinstance(details, dict):
@@ -131,9 +109,11 @@ class KeycloakDecoder:
             user_id=user_id,
             occurred_at=_time(obj.get("time"), received_at),
             session_id=session_id,
-            event_id=_text(obj, "id", MAX_EVENT_ID, "event_id"),
-            name=_text(details, "username", MAX_NAME, "name") if connected else None,
-            email=_text(details, "email", MAX_EMAIL, "email") if connected else None,
+            event_id=text_field(obj, "id", MAX_EVENT_ID, reason="event_id"),
+            name=text_field(details, "username", MAX_NAME, reason="name") if connected else None,
+            email=text_field(details, "email", MAX_EMAIL, reason="email") if connected else None,
             source=SOURCE,
-            ip_address=_text(obj, "ipAddress", MAX_IP, "ip_address") if connected else None,
+            ip_address=text_field(obj, "ipAddress", MAX_IP, reason="ip_address")
+            if connected
+            else None,
         )

@@ -10,6 +10,7 @@ import pytest
 
 from sessiond.errors import InvalidEvent
 from sessiond.events import Event, decode_event, partition_of, partition_queue
+from sessiond.keycloak import KeycloakDecoder
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
 
@@ -152,3 +153,14 @@ def test_partitioning_is_stable_and_spreads_users() -> None:
     used = {partition_of(f"user-{i}", 8) for i in range(1000)}
     assert used == set(range(8))
     assert partition_queue(3) == "sessiond.events.p3"
+
+
+def test_lone_surrogates_are_invalid_in_every_decoder() -> None:
+    # JSON allows "\ud800"; UTF-8 (PostgreSQL, Redis, hashing) does not: refused at the door
+    with pytest.raises(InvalidEvent) as err:
+        decode_event(b'{"event": "connected", "user_id": "\\ud800"}', received_at=NOW)
+    assert err.value.reason == "invalid_user_id"
+    body = b'{"type": "LOGIN", "userId": "u", "sessionId": "\\udfff", "time": 1}'
+    with pytest.raises(InvalidEvent) as err:
+        KeycloakDecoder()(body, NOW, "KK.EVENT.CLIENT.r.SUCCESS.web.LOGIN")
+    assert err.value.reason == "invalid_session_id"
