@@ -11,22 +11,14 @@ import asyncpg
 import pytest
 
 from sessiond.config import Settings
+from tests.conftest import truncate
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
-async def clear_outbox(settings: Settings) -> None:
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        await conn.execute("TRUNCATE outbox RESTART IDENTITY")
-    finally:
-        await conn.close()
-
-
 @pytest.fixture
 async def pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """Tortoise open on empty tables (outbox included), plus a raw connection to look at them."""
-    await clear_outbox(db)
+    """Tortoise open on empty tables (``db``), plus a raw connection to look at them."""
     conn = await asyncpg.connect(db.database_url)
     try:
         yield conn
@@ -37,7 +29,7 @@ async def pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def raw_pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
     """A raw connection only (for tests whose API opens Tortoise itself)."""
-    await clear_outbox(migrated)
+    await truncate(migrated)
     conn = await asyncpg.connect(migrated.database_url)
     try:
         yield conn
