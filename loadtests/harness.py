@@ -7,7 +7,6 @@ Nothing here runs under gevent: the locustfiles never import this module.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -51,24 +50,7 @@ def private_env(name: str, redis_db: int, *, jwt_secret: str = BENCH_SECRET) -> 
     database ``name`` (created when missing) and Redis db ``redis_db``."""
     if redis_db in RESERVED_REDIS_DBS:
         raise SystemExit(f"Redis db {redis_db} belongs to another suite; pick another one")
-    cfg = stack.StackConfig.from_env()
-    env = cfg.env_dict()
-    stack.rabbitmqctl(cfg, "add_vhost", name, check=False)
-    stack.rabbitmqctl(cfg, "set_permissions", "-p", name, stack.USER, ".*", ".*", ".*")
-    base = env["SESSIOND_DATABASE_URL"].rsplit("/", 1)[0]
-
-    async def create() -> None:
-        conn = await asyncpg.connect(f"{base}/postgres")
-        try:
-            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name):
-                await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    env["SESSIOND_DATABASE_URL"] = f"{base}/{name}"
-    env["SESSIOND_AMQP_URL"] = env["SESSIOND_AMQP_URL"].rsplit("/", 1)[0] + f"/{name}"
-    env["SESSIOND_REDIS_URL"] = env["SESSIOND_REDIS_URL"].rsplit("/", 1)[0] + f"/{redis_db}"
+    env = stack.namespace_env(stack.StackConfig.from_env(), name, redis_db)
     env["SESSIOND_ENV"] = "test"
     env["SESSIOND_JWT_SECRET"] = jwt_secret
     env["SESSIOND_LOG_LEVEL"] = "WARNING"

@@ -356,15 +356,50 @@ def _pg_start(cfg: StackConfig) -> None:
             [str(bin_ / "pg_ctl"), "-D", str(data), "-l", str(logf), "-o", opts, "-w", "start"],
             user=user,
         )
-    psql = [str(bin_ / "psql"), "-h", str(sock), "-p", str(cfg.pg_port), "-U", "postgres", "-Atq"]
+    psql = _psql(cfg)
     exists = _run([*psql, "-c", f"SELECT 1 FROM pg_roles WHERE rolname='{USER}'"]).stdout.strip()
     if not exists:
         _run([*psql, "-c", f"CREATE ROLE {USER} LOGIN SUPERUSER PASSWORD '{PASSWORD}'"])
     for db in DATABASES:
-        if not _run(
-            [*psql, "-c", f"SELECT 1 FROM pg_database WHERE datname='{db}'"]
-        ).stdout.strip():
-            _run([*psql, "-c", f"CREATE DATABASE {db} OWNER {USER}"])
+        _ensure_database(cfg, db)
+
+
+def _psql(cfg: StackConfig) -> list[str]:
+    sock = cfg.root / "pgsock"
+    return [
+        str(_pg_bin() / "psql"),
+        "-h",
+        str(sock),
+        "-p",
+        str(cfg.pg_port),
+        "-U",
+        "postgres",
+        "-Atq",
+    ]
+
+
+def _ensure_database(cfg: StackConfig, name: str) -> None:
+    psql = _psql(cfg)
+    if not _run([*psql, "-c", f"SELECT 1 FROM pg_database WHERE datname='{name}'"]).stdout.strip():
+        _run([*psql, "-c", f'CREATE DATABASE "{name}" OWNER {USER}'])
+
+
+def namespace_env(cfg: StackConfig, name: str, redis_db: int) -> dict[str, str]:
+    """A private corner of the running stack: vhost and database ``name`` (created when missing)
+    and Redis db ``redis_db``, as ``SESSIOND_*`` URLs. Lets test suites, load runs and benchmarks
+    share one stack without touching each other's data."""
+    rabbitmqctl(cfg, "add_vhost", name, check=False)
+    rabbitmqctl(cfg, "set_permissions", "-p", name, USER, ".*", ".*", ".*")
+    _ensure_database(cfg, name)
+    env = cfg.env_dict()
+
+    def retarget(url: str, last: str) -> str:
+        return url.rsplit("/", 1)[0] + f"/{last}"
+
+    env["SESSIOND_DATABASE_URL"] = retarget(env["SESSIOND_DATABASE_URL"], name)
+    env["SESSIOND_AMQP_URL"] = retarget(env["SESSIOND_AMQP_URL"], name)
+    env["SESSIOND_REDIS_URL"] = retarget(env["SESSIOND_REDIS_URL"], str(redis_db))
+    return env
 
 
 def _pg_stop(cfg: StackConfig) -> None:

@@ -66,29 +66,11 @@ def stack_config() -> stack.StackConfig:
 def isolated(cfg: stack.StackConfig) -> dict[str, str]:
     """The stack's test endpoints, or private ones when ``SESSIOND_TEST_ISOLATION=<name>`` is set
     (own database, vhost and Redis db), so that two suites can share one stack."""
-    env = cfg.env_dict(test=True)
     name = os.environ.get("SESSIOND_TEST_ISOLATION", "")
     if not name:
-        return env
-    vhost = db = f"sessiond_test_{name}"
-    redis_db = os.environ.get("SESSIOND_TEST_REDIS_DB", "14")
-    stack.rabbitmqctl(cfg, "add_vhost", vhost, check=False)
-    stack.rabbitmqctl(cfg, "set_permissions", "-p", vhost, stack.USER, ".*", ".*", ".*")
-    base = env["SESSIOND_DATABASE_URL"].rsplit("/", 1)[0]
-
-    async def create() -> None:
-        conn = await asyncpg.connect(f"{base}/postgres")
-        try:
-            if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", db):
-                await conn.execute(f'CREATE DATABASE "{db}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    env["SESSIOND_DATABASE_URL"] = f"{base}/{db}"
-    env["SESSIOND_AMQP_URL"] = env["SESSIOND_AMQP_URL"].rsplit("/", 1)[0] + f"/{vhost}"
-    env["SESSIOND_REDIS_URL"] = env["SESSIOND_REDIS_URL"].rsplit("/", 1)[0] + f"/{redis_db}"
-    return env
+        return cfg.env_dict(test=True)
+    redis_db = int(os.environ.get("SESSIOND_TEST_REDIS_DB", "14"))
+    return stack.namespace_env(cfg, f"sessiond_test_{name}", redis_db)
 
 
 @pytest.fixture(scope="session")
