@@ -24,6 +24,8 @@ from typing import Any, Final
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 
+from storage import journal
+
 SESSION_STARTED: Final = "session.started"
 SESSION_ENDED: Final = "session.ended"
 USER_DISCONNECTED: Final = "user.disconnected"
@@ -91,6 +93,12 @@ async def record(
     The implicit session (``""``) goes out as ``session_id: null``.
     """
     if not session_ids:
+        return
+    batch = journal.current()
+    if batch is not None:
+        batch.outbox.extend(
+            (event_type, user_id, sid or None, reason, occurred_at) for sid in session_ids
+        )
         return
     await db.execute_query(
         _INSERT,

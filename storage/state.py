@@ -33,7 +33,7 @@ from tortoise.transactions import in_transaction
 
 from sessiond.config import Settings, get_settings
 from sessiond.events import Event
-from storage import outbox
+from storage import journal, outbox
 from storage.cache import Cache, UserSnapshot
 from storage.db import conn
 from storage.models import CONNECTED, DISCONNECTED, ENDED
@@ -106,19 +106,24 @@ async def audit(
     occurred_at: datetime | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    row = (
+        occurred_at,
+        user_id,
+        session_id,
+        kind,
+        reason,
+        source,
+        json.dumps(detail) if detail is not None else None,
+    )
+    batch = journal.current()
+    if batch is not None:
+        batch.audit.append(row)
+        return
     await db.execute_query(
         "INSERT INTO audit_events"
         " (at, occurred_at, user_id, session_id, kind, reason, source, detail)"
         " VALUES (now(), $1, $2, $3, $4, $5, $6, $7)",
-        [
-            occurred_at,
-            user_id,
-            session_id,
-            kind,
-            reason,
-            source,
-            json.dumps(detail) if detail is not None else None,
-        ],
+        list(row),
     )
 
 
@@ -150,6 +155,10 @@ async def _settle_user(
         user["status"] = status
     if changed:
         user["version"] += 1
+        batch = journal.current()
+        if batch is not None:  # written once, at the end of the batch, in its final state
+            batch.users[user["id"]] = user
+            return user
         await db.execute_query(
             "UPDATE users SET status = $2, name = $3, email = $4, connected_at = $5, "
             "disconnected_at = $6, seen_at = $7, logged_out_at = $8, version = $9,"
@@ -401,7 +410,7 @@ async def apply_events(events: Sequence[Event], *, limits: Limits | None = None)
     last = {events[i].user_id: i for i in order}
     outcomes: list[Outcome | None] = [None] * len(events)
     locked: dict[str, dict[str, Any]] = {}
-    async with in_transaction() as db:
+    async with in_transaction() as db, journal.batched(db):
         for i in order:
             ev = events[i]
             outcomes[i] = await _apply(db, ev, limits, locked, snapshot=last[ev.user_id] == i)

@@ -1,0 +1,96 @@
+"""Append-only rows of a batch transaction, written once at its end instead of once per event.
+
+Audit entries, outbox events and the users' final rows are what every applied event adds; in a
+batch (``state.apply_events``) they are collected here and written with one set-based statement
+each just before the commit, in the order they were produced. Same transaction, same rows, a few
+round trips instead of several per event: round trips are what bounds the pipeline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from tortoise.backends.base.client import BaseDBAsyncClient
+
+_AUDIT = """
+INSERT INTO audit_events (at, occurred_at, user_id, session_id, kind, reason, source, detail)
+SELECT now(), t.occurred_at, t.user_id, t.session_id, t.kind, t.reason, t.source, t.detail::jsonb
+FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[]) WITH ORDINALITY
+     AS t(occurred_at, user_id, session_id, kind, reason, source, detail, n)
+ORDER BY t.n
+"""
+
+_OUTBOX = """
+INSERT INTO outbox (created_at, type, event_id, user_id, session_id, reason, occurred_at)
+SELECT now(), t.type, gen_random_uuid(), t.user_id, t.session_id, t.reason, t.occurred_at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) WITH ORDINALITY
+     AS t(type, user_id, session_id, reason, occurred_at, n)
+ORDER BY t.n
+"""
+
+_USERS = """
+UPDATE users u SET status = t.status, name = t.name, email = t.email,
+    connected_at = t.connected_at, disconnected_at = t.disconnected_at, seen_at = t.seen_at,
+    logged_out_at = t.logged_out_at, version = t.version, updated_at = now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+            $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bigint[])
+     AS t(id, status, name, email, connected_at, disconnected_at, seen_at, logged_out_at, version)
+WHERE u.id = t.id
+"""
+
+USER_COLUMNS = (
+    "id",
+    "status",
+    "name",
+    "email",
+    "connected_at",
+    "disconnected_at",
+    "seen_at",
+    "logged_out_at",
+    "version",
+)
+
+
+@dataclass(slots=True)
+class Journal:
+    audit: list[tuple[Any, ...]] = field(default_factory=list)
+    outbox: list[tuple[str, str, str | None, str | None, datetime]] = field(default_factory=list)
+    users: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    async def flush(self, db: BaseDBAsyncClient) -> None:
+        if self.users:
+            rows = list(self.users.values())
+            await db.execute_query(_USERS, [[r[c] for r in rows] for c in USER_COLUMNS])
+        if self.audit:
+            await db.execute_query(_AUDIT, [list(col) for col in zip(*self.audit, strict=True)])
+        if self.outbox:
+            await db.execute_query(_OUTBOX, [list(col) for col in zip(*self.outbox, strict=True)])
+        self.users.clear()
+        self.audit.clear()
+        self.outbox.clear()
+
+
+_current: ContextVar[Journal | None] = ContextVar("sessiond_journal", default=None)
+
+
+def current() -> Journal | None:
+    """The batch's journal, or ``None`` outside a batch (rows are then written at once)."""
+    return _current.get()
+
+
+@asynccontextmanager
+async def batched(db: BaseDBAsyncClient) -> AsyncIterator[Journal]:
+    """Collects the rows written inside the block and writes them at its end (same transaction)."""
+    journal = Journal()
+    token = _current.set(journal)
+    try:
+        yield journal
+        await journal.flush(db)
+    finally:
+        _current.reset(token)
