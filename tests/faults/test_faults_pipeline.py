@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 async def test_worker_sigkilled_mid_stream(clean: Settings, spawn: Callable[..., Process]) -> None:
-    # Given two worker processes consuming a stream of 1,200 events
-    stream = Stream("kill", users=300)
+    # Given two worker processes consuming a stream long enough to be cut (several seconds)
+    stream = Stream("kill", users=1500)
     worker = spawn(*WORKER_ARGS, env=WORKER_ENV)
     publish(clean, stream.events)
     await wait_applied(clean, stream, at_least=150, timeout=40)

@@ -14,6 +14,8 @@ from tests.conftest import Amqp, Process, async_wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+TOTAL = 10_000  # several seconds of work, so that the stop lands mid-stream
+
 
 async def test_sigterm_mid_stream_loses_no_event(
     broker_client: Amqp,
@@ -23,7 +25,7 @@ async def test_sigterm_mid_stream_loses_no_event(
     tmp_path: Path,
 ) -> None:
     events = [
-        {"event": "connected", "user_id": f"term-{i}", "event_id": f"t{i}"} for i in range(3000)
+        {"event": "connected", "user_id": f"term-{i}", "event_id": f"t{i}"} for i in range(TOTAL)
     ]
     first = spawn("worker", "--processes", "2", "--threads", "4")
 
@@ -46,7 +48,7 @@ async def test_sigterm_mid_stream_loses_no_event(
         return int(await pg.fetchval("SELECT count(*) FROM processed_events")) >= len(events)
 
     await async_wait_until(all_applied, timeout=120)
-    assert int(await pg.fetchval("SELECT count(*) FROM users WHERE status = 'connected'")) == 3000
+    assert int(await pg.fetchval("SELECT count(*) FROM users WHERE status = 'connected'")) == TOTAL
     connects = await pg.fetchval("SELECT count(*) FROM audit_events WHERE kind = 'connected'")
-    assert connects == 3000  # applied once in effect, even when a message was redelivered
+    assert connects == TOTAL  # applied once in effect, even when a message was redelivered
     assert broker_client.depth(settings.dead_letter_queue) == 0
