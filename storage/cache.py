@@ -8,6 +8,7 @@ committed earlier, or an API process refilling after a miss) can never resurrect
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -79,6 +80,25 @@ return 1
 """
 
 
+# The same guard for many users at once: KEYS are (user key, version key) pairs, ARGV the TTL
+# then one new version per user.
+_EVICT_MANY = """
+local ttl = tonumber(ARGV[1]) * 2
+local done = 0
+for i = 1, #KEYS, 2 do
+  local v = ARGV[(i + 1) / 2 + 1]
+  local cur = tonumber(redis.call('GET', KEYS[i + 1]) or '-1')
+  if tonumber(v) >= cur then
+    redis.call('SET', KEYS[i + 1], v, 'EX', ttl)
+    redis.call('DEL', KEYS[i])
+    done = done + 1
+  end
+end
+return done
+"""
+EVICT_CHUNK = 1000  # keeps each script run to a few milliseconds of Redis time
+
+
 def connect(settings: Settings) -> aioredis.Redis:
     """A pooled client; ``rediss://`` URLs verify the server against ``SESSIOND_REDIS_CA_FILE``."""
     kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
@@ -94,6 +114,7 @@ class Cache:
         self.client = client
         self.ttl_s = ttl_s
         self._sync = client.register_script(_SYNC)
+        self._evict_many = client.register_script(_EVICT_MANY)
 
     async def sync(self, snapshot: UserSnapshot) -> bool:
         """Writes (connected) or evicts (otherwise) ``user:<id>``; False if a newer one is there."""
@@ -101,6 +122,19 @@ class Cache:
         keys = [user_key(snapshot.user_id), version_key(snapshot.user_id)]
         done = await self._sync(keys=keys, args=[snapshot.version, payload, self.ttl_s])
         return bool(done)
+
+    async def evict_many(self, versions: Sequence[tuple[str, int]]) -> int:
+        """Evicts disconnected users in bulk (the sweep), with ``sync``'s version guard: a user
+        whose newer version is cached meanwhile stays. Returns how many were evicted."""
+        done = 0
+        for start in range(0, len(versions), EVICT_CHUNK):
+            keys: list[str] = []
+            args: list[int] = [self.ttl_s]
+            for user_id, version in versions[start : start + EVICT_CHUNK]:
+                keys += [user_key(user_id), version_key(user_id)]
+                args.append(version)
+            done += int(await self._evict_many(keys=keys, args=args))
+        return done
 
     async def get(self, user_id: str) -> UserSnapshot | None:
         raw = await self.client.get(user_key(user_id))

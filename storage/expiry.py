@@ -41,7 +41,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
 from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
-from storage.cache import Cache, user_key, version_key
+from storage.cache import Cache
 from storage.db import conn
 from storage.flush import (
     LOCK_TTL_S,
@@ -199,36 +199,9 @@ async def _pending(buffer: ActivityBuffer, user_ids: Sequence[str]) -> dict[str,
 
 # Eviction of many users in one call, with the version guard of ``Cache.sync``: KEYS are
 # (user key, version key) pairs, ARGV the cache TTL then one new version per user.
-_EVICT_MANY = """
-local ttl = tonumber(ARGV[1]) * 2
-local done = 0
-for i = 1, #KEYS, 2 do
-  local v = ARGV[(i + 1) / 2 + 1]
-  local cur = tonumber(redis.call('GET', KEYS[i + 1]) or '-1')
-  if tonumber(v) >= cur then
-    redis.call('SET', KEYS[i + 1], v, 'EX', ttl)
-    redis.call('DEL', KEYS[i])
-    done = done + 1
-  end
-end
-return done
-"""
-EVICT_CHUNK = 1000  # keeps each script run to a few milliseconds of Redis time
-
-
 async def _evict(cache: Cache, expired: Sequence[dict[str, Any]]) -> int:
     """Evicts ``user:<id>`` of the expired users unless a newer version is cached already."""
-    script = cache.client.register_script(_EVICT_MANY)
-    done = 0
-    for start in range(0, len(expired), EVICT_CHUNK):
-        keys: list[str] = []
-        args: list[int] = [cache.ttl_s]
-        for row in expired[start : start + EVICT_CHUNK]:
-            uid = str(row["id"])
-            keys += [user_key(uid), version_key(uid)]
-            args.append(int(row["version"]))
-        done += int(await script(keys=keys, args=args))
-    return done
+    return await cache.evict_many([(str(row["id"]), int(row["version"])) for row in expired])
 
 
 async def _expire_batch(

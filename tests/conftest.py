@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import asyncpg
 import pika
 import pytest
+import redis.asyncio as aioredis
 
 from sessiond import amqp, stack
 from sessiond.config import Settings, get_settings
@@ -119,8 +121,15 @@ async def truncate(settings: Settings) -> None:
 
 
 @pytest.fixture
-async def pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """A raw connection to the emptied test database, for checking what the processes wrote."""
+def pg(raw_pg: asyncpg.Connection) -> asyncpg.Connection:
+    """The connection tests look at the database with (``orm_pg`` where Tortoise is needed)."""
+    return raw_pg
+
+
+@pytest.fixture
+async def raw_pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """A raw connection to the emptied test database, for checking what the processes wrote;
+    Tortoise stays closed (for tests whose API or workers open it themselves)."""
     await truncate(migrated)
     conn = await asyncpg.connect(migrated.database_url)
     try:
@@ -138,6 +147,39 @@ async def db(migrated: Settings) -> AsyncIterator[Settings]:
         yield migrated
     finally:
         await db_mod.close_db()
+
+
+@pytest.fixture
+async def orm_pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
+    """Tortoise open on the emptied test database (``db``), plus a raw connection to look at it."""
+    conn = await asyncpg.connect(db.database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+    """A decoding client on the emptied test Redis db, for checking what the processes wrote."""
+    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    await client.flushdb()
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+def events_out(settings: Settings) -> Iterator[Any]:
+    """A consumer of sessiond's lifecycle events, on a queue of its own."""
+    from tests.outbox.support import EventsOut
+
+    consumer = EventsOut(settings, queue=f"test.out.{uuid.uuid4().hex[:8]}")
+    try:
+        yield consumer
+    finally:
+        consumer.close()
 
 
 @pytest.fixture

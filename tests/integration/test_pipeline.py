@@ -7,7 +7,7 @@ import json
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,16 +37,6 @@ def worker(
     yield proc
     assert proc.alive(), f"worker died:\n{proc.output()[-3000:]}"
     assert proc.stop() == 0, proc.output()[-3000:]
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
-    await client.flushdb()
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 def at(seconds: float) -> str:

@@ -3,14 +3,12 @@ that put users in a known state at a known time (the clock is passed, never slep
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 
-from sessiond.config import Settings
 from sessiond.events import Event
 from storage import cache as cache_mod
 from storage import state
@@ -30,12 +28,9 @@ def access_log(cache: cache_mod.Cache) -> AccessLog:
 
 
 @pytest.fixture
-async def pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
+def pg(orm_pg: asyncpg.Connection) -> asyncpg.Connection:
+    """Here ``pg`` comes with Tortoise open: the jobs run in this process."""
+    return orm_pg
 
 
 async def connect_user(

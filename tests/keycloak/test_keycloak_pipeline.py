@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from actors import deadletter
 from sessiond import amqp
 from sessiond.config import Settings
-from tests.conftest import Amqp, Process, async_wait_until, truncate, wait_until
+from tests.conftest import Amqp, Process, async_wait_until, wait_until
 from tests.outbox.support import EventsOut
 
 pytestmark = pytest.mark.integration
@@ -88,35 +88,6 @@ def keycloak(worker: Process, settings: Settings, broker_client: Amqp) -> Iterat
         yield kc
     finally:
         kc.close()
-
-
-@pytest.fixture
-async def pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
-    await truncate(migrated)
-    conn = await asyncpg.connect(migrated.database_url)
-    await conn.execute("TRUNCATE outbox RESTART IDENTITY")
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
-    try:
-        yield client
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-def events_out(settings: Settings) -> Iterator[EventsOut]:
-    consumer = EventsOut(settings, queue=f"test.kc.{uuid.uuid4().hex[:8]}")
-    try:
-        yield consumer
-    finally:
-        consumer.close()
 
 
 def plugin_message(event_type: str, user_id: str, session_id: str, **extra: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -52,13 +52,8 @@ def worker(migrated: Settings, test_env: dict[str, str], tmp_path: Path) -> Iter
 
 
 @pytest.fixture
-async def pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db.database_url)
-    await conn.execute("TRUNCATE outbox RESTART IDENTITY")
-    try:
-        yield conn
-    finally:
-        await conn.close()
+def pg(orm_pg: asyncpg.Connection) -> asyncpg.Connection:
+    return orm_pg
 
 
 def count(consumer: EventsOut, event_type: str) -> Counter[str]:

@@ -5,8 +5,7 @@ failure without losing anything."""
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -25,22 +24,8 @@ NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-async def pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
-    conn = await asyncpg.connect(db.database_url)
-    await conn.execute("TRUNCATE outbox RESTART IDENTITY")
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-def events_out(settings: Settings) -> Iterator[EventsOut]:
-    consumer = EventsOut(settings, queue=f"test.relay.{uuid.uuid4().hex[:8]}")
-    try:
-        yield consumer
-    finally:
-        consumer.close()
+def pg(orm_pg: asyncpg.Connection) -> asyncpg.Connection:
+    return orm_pg
 
 
 async def wait_for(

@@ -3,38 +3,19 @@ shared ``truncate`` does not know that table), a fixed clock, and the in-process
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 import pytest
 
-from sessiond.config import Settings
-from tests.conftest import truncate
-
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture
-async def pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """Tortoise open on empty tables (``db``), plus a raw connection to look at them."""
-    conn = await asyncpg.connect(db.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
-
-
-@pytest.fixture
-async def raw_pg(migrated: Settings) -> AsyncIterator[asyncpg.Connection]:
-    """A raw connection only (for tests whose API opens Tortoise itself)."""
-    await truncate(migrated)
-    conn = await asyncpg.connect(migrated.database_url)
-    try:
-        yield conn
-    finally:
-        await conn.close()
+def pg(orm_pg: asyncpg.Connection) -> asyncpg.Connection:
+    """Here ``pg`` comes with Tortoise open: the state functions run in this process."""
+    return orm_pg
 
 
 async def outbox_rows(pg: asyncpg.Connection, user_id: str | None = None) -> list[dict[str, Any]]:
