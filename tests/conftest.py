@@ -7,6 +7,7 @@ the stack started by ``sessiond stack up``. A missing server fails the suite; no
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -56,6 +57,22 @@ async def async_wait_until(
         await asyncio.sleep(interval)
         value = await predicate()
     return value
+
+
+async def cache_entry_when(
+    redis: aioredis.Redis, user_id: str, predicate: Callable[[dict[str, Any] | None], bool]
+) -> dict[str, Any] | None:
+    """The worker syncs Redis just after its PostgreSQL commit, so a test that has seen the
+    commit waits for the cache to follow instead of racing it; returns the entry once
+    ``predicate`` holds."""
+
+    async def settled() -> list[dict[str, Any] | None] | None:
+        raw = await redis.get(f"user:{user_id}")
+        value = json.loads(raw) if raw else None
+        return [value] if predicate(value) else None
+
+    found: list[dict[str, Any] | None] = await async_wait_until(settled)
+    return found[0]
 
 
 @pytest.fixture(scope="session")

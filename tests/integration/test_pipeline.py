@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 from actors import deadletter
 from sessiond import stack
 from sessiond.config import Settings
-from tests.conftest import Amqp, Process, async_wait_until, wait_until
+from tests.conftest import Amqp, Process, async_wait_until, cache_entry_when, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -70,7 +70,8 @@ async def test_seed_messages_connect_then_disconnect(
     assert row is not None
     assert (row["name"], row["email"]) == ("John Doe", "john@example.com")
     assert row["connected_at"] is not None
-    cached = json.loads(await redis.get("user:12345") or "{}")
+    cached = await cache_entry_when(redis, "12345", lambda e: e is not None)
+    assert cached is not None
     assert cached["status"] == "connected" and cached["email"] == "john@example.com"
     assert 0 < await redis.ttl("user:12345") <= 3600
 
@@ -81,7 +82,7 @@ async def test_seed_messages_connect_then_disconnect(
     await async_wait_until(lambda: _eq(status_of(pg, "12345"), "disconnected"))
     row = await user_row(pg, "12345")
     assert row is not None and row["disconnected_at"] is not None
-    assert await redis.exists("user:12345") == 0
+    assert await cache_entry_when(redis, "12345", lambda e: e is None) is None
     kinds = [
         r["kind"]
         for r in await pg.fetch("SELECT kind FROM audit_events WHERE user_id = '12345' ORDER BY id")
@@ -154,14 +155,16 @@ async def test_two_sessions_ending_one_keeps_user_connected(
         for r in await pg.fetch("SELECT session_id, status FROM sessions WHERE user_id='u-2s'")
     }
     assert sessions == {"phone": "ended", "laptop": "connected"}
-    cached = json.loads(await redis.get("user:u-2s") or "{}")
-    assert cached["sessions"] == ["laptop"]
+    cached = await cache_entry_when(
+        redis, "u-2s", lambda e: e is not None and e["sessions"] == ["laptop"]
+    )
+    assert cached is not None and cached["status"] == "connected"
     # When the last session ends, the user is disconnected and evicted
     broker_client.publish(
         {"event": "disconnected", "user_id": "u-2s", "session_id": "laptop", "occurred_at": at(6)}
     )
     await async_wait_until(lambda: _eq(status_of(pg, "u-2s"), "disconnected"))
-    assert await redis.exists("user:u-2s") == 0
+    assert await cache_entry_when(redis, "u-2s", lambda e: e is None) is None
 
 
 INVALID: dict[str, bytes] = {

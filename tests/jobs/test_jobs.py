@@ -19,7 +19,7 @@ import pytest
 from sessiond.config import Settings
 from storage import cache as cache_mod
 from storage.activity import ActivityBuffer
-from tests.conftest import ROOT, Amqp, Process, async_wait_until
+from tests.conftest import ROOT, Amqp, Process, async_wait_until, cache_entry_when
 from tests.jobs.conftest import connect_user, user_row
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ async def test_scheduler_and_workers_flush_and_expire(
     assert active["status"] == "connected"
     assert active["last_activity_at"] is not None
     assert abs((active["last_activity_at"] - now).total_seconds()) < 1e-3
-    assert await cache.client.exists("user:silent") == 0
+    assert await cache_entry_when(cache.client, "silent", lambda e: e is None) is None
     assert await cache.client.exists("user:active") == 1
     audit = await pg.fetch("SELECT user_id, reason FROM audit_events WHERE kind = 'expired'")
     assert [(a["user_id"], a["reason"]) for a in audit] == [("silent", "idle_timeout")]

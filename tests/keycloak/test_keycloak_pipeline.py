@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from actors import deadletter
 from sessiond import amqp
 from sessiond.config import Settings
-from tests.conftest import Amqp, Process, async_wait_until, wait_until
+from tests.conftest import Amqp, Process, async_wait_until, cache_entry_when, wait_until
 from tests.outbox.support import EventsOut
 
 pytestmark = pytest.mark.integration
@@ -134,8 +134,8 @@ async def test_login_then_logout_end_to_end(
     )  # fmt: skip
     assert row["started_at"] == datetime.fromtimestamp(TIME_MS / 1000, tz=UTC)
     assert await pg.fetchval("SELECT name FROM users WHERE id = $1", user) == "john"
-    cached = json.loads(await redis.get(f"user:{user}") or "{}")
-    assert cached["sessions"] == [sid]
+    cached = await cache_entry_when(redis, user, lambda e: e is not None)
+    assert cached is not None and cached["sessions"] == [sid]
     # And session.started went out
     wait_until(lambda: events_out.of(user) == [("session.started", sid, None)])
 
@@ -144,7 +144,7 @@ async def test_login_then_logout_end_to_end(
 
     # Then the session ended, the user is disconnected and evicted, and both events went out
     await async_wait_until(lambda: _is(pg, user, "disconnected"))
-    assert await redis.exists(f"user:{user}") == 0
+    assert await cache_entry_when(redis, user, lambda e: e is None) is None
     wait_until(
         lambda: (
             events_out.of(user)
