@@ -1,16 +1,15 @@
-"""Append-only rows of a batch transaction, written once at its end instead of once per event.
+"""Append-only rows of a transaction, written once at its end instead of once per change.
 
-Audit entries, outbox events and the users' final rows are what every applied event adds; in a
-batch (``state.apply_events``) they are collected here and written with one set-based statement
+Audit entries, outbox events and the users' final rows are what every applied event adds; a unit
+of work (``state.unit_of_work``) collects them here and writes them with one set-based statement
 each just before the commit, in the order they were produced. Same transaction, same rows, a few
 round trips instead of several per event: round trips are what bounds the pipeline.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from contextvars import ContextVar
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -63,6 +62,36 @@ class Journal:
     outbox: list[tuple[str, str, str | None, str | None, datetime]] = field(default_factory=list)
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
 
+    def record_audit(
+        self,
+        *,
+        kind: str,
+        source: str,
+        user_id: str | None,
+        session_id: str | None = None,
+        reason: str | None = None,
+        occurred_at: datetime | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """One audit entry (CONTRACT §5)."""
+        encoded = json.dumps(detail) if detail is not None else None
+        self.audit.append((occurred_at, user_id, session_id, kind, reason, source, encoded))
+
+    def record_outbox(
+        self,
+        event_type: str,
+        *,
+        user_id: str,
+        session_ids: Sequence[str | None] = (None,),
+        reason: str | None = None,
+        occurred_at: datetime,
+    ) -> None:
+        """One lifecycle event out per session id, in that order (CONTRACT §7); the implicit
+        session (``""``) goes out as ``session_id: null``."""
+        self.outbox.extend(
+            (event_type, user_id, sid or None, reason, occurred_at) for sid in session_ids
+        )
+
     async def flush(self, db: BaseDBAsyncClient) -> None:
         if self.users:
             rows = list(self.users.values())
@@ -74,23 +103,3 @@ class Journal:
         self.users.clear()
         self.audit.clear()
         self.outbox.clear()
-
-
-_current: ContextVar[Journal | None] = ContextVar("sessiond_journal", default=None)
-
-
-def current() -> Journal | None:
-    """The batch's journal, or ``None`` outside a batch (rows are then written at once)."""
-    return _current.get()
-
-
-@asynccontextmanager
-async def batched(db: BaseDBAsyncClient) -> AsyncIterator[Journal]:
-    """Collects the rows written inside the block and writes them at its end (same transaction)."""
-    journal = Journal()
-    token = _current.set(journal)
-    try:
-        yield journal
-        await journal.flush(db)
-    finally:
-        _current.reset(token)

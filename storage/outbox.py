@@ -24,8 +24,6 @@ from typing import Any, Final
 
 from tortoise.backends.base.client import BaseDBAsyncClient
 
-from storage import journal
-
 SESSION_STARTED: Final = "session.started"
 SESSION_ENDED: Final = "session.ended"
 USER_DISCONNECTED: Final = "user.disconnected"
@@ -70,40 +68,6 @@ class OutboxRow:
             reason=row["reason"],
             occurred_at=row["occurred_at"],
         )
-
-
-_INSERT: Final = (
-    "INSERT INTO outbox (created_at, type, event_id, user_id, session_id, reason, occurred_at)"
-    " SELECT now(), $1, gen_random_uuid(), $2, s, $4, $5 FROM unnest($3::text[]) WITH ORDINALITY"
-    " AS t(s, n) ORDER BY n"
-)
-
-
-async def record(
-    db: BaseDBAsyncClient,
-    event_type: str,
-    *,
-    user_id: str,
-    session_ids: Sequence[str | None] = (None,),
-    reason: str | None = None,
-    occurred_at: datetime,
-) -> None:
-    """Writes one event per session id (in that order) inside the caller's transaction.
-
-    The implicit session (``""``) goes out as ``session_id: null``.
-    """
-    if not session_ids:
-        return
-    batch = journal.current()
-    if batch is not None:
-        batch.outbox.extend(
-            (event_type, user_id, sid or None, reason, occurred_at) for sid in session_ids
-        )
-        return
-    await db.execute_query(
-        _INSERT,
-        [event_type, user_id, [sid or None for sid in session_ids], reason, occurred_at],
-    )
 
 
 # Lock a batch of the oldest pending rows (skipping those another relay holds), then keep only

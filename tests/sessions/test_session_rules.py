@@ -8,7 +8,6 @@ from datetime import timedelta
 
 import asyncpg
 import pytest
-from tortoise.transactions import in_transaction
 
 from sessiond.config import Settings
 from sessiond.events import Event
@@ -285,8 +284,10 @@ async def test_a_rolled_back_change_leaves_no_event(
 ) -> None:
     await connect(cache, "u1", "a", 0)
     with pytest.raises(RuntimeError):
-        async with in_transaction() as db:
-            await state.end_sessions(db, "u1", at=NOW, reason="logout", source="test")
+        async with state.unit_of_work() as work:
+            await work.load(["u1"])
+            work.end_sessions("u1", at=NOW, reason="logout", source="test")
+            await work.save()  # written, then rolled back with the transaction
             raise RuntimeError("crash before commit")
     assert kinds(await outbox_rows(pg, "u1")) == [("session.started", "a", None)]
     assert await sessions_of(pg, "u1") == {"a": ("connected", None)}
