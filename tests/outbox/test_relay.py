@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 import asyncpg
 import pytest
 
-from actors.outbox import Publisher, Relay
+from actors.outbox import NackError, Publisher, Relay
 from sessiond.config import Settings
 from sessiond.events import Event
 from storage import outbox as store
@@ -124,12 +124,12 @@ class FlakyPublisher(Publisher):
         super().__init__(settings)
         self.fail_after = fail_after
 
-    def publish(self, rows: Sequence[store.OutboxRow]) -> None:
+    async def publish(self, rows: Sequence[store.OutboxRow]) -> None:
         if self.fail_after >= 0 and len(rows) > self.fail_after:
-            super().publish(rows[: self.fail_after])
+            await super().publish(rows[: self.fail_after])
             self.fail_after = -1
             raise ConnectionError("broker lost mid-batch")
-        super().publish(rows)
+        await super().publish(rows)
 
 
 async def test_a_failed_batch_stays_pending_and_goes_out_again(
@@ -165,3 +165,30 @@ async def test_relay_loop_runs_until_stopped(
     finally:
         await relay.stop()
     assert relay.published == 1
+
+
+async def test_a_refused_message_fails_its_batch_and_stays_pending(
+    pg: asyncpg.Connection, events_out: EventsOut, settings: Settings
+) -> None:
+    # Given a bound queue that the broker keeps at one message, refusing publishes beyond it
+    full = "test.events-out.full"
+    events_out.ch.queue_delete(full)
+    events_out.ch.queue_declare(
+        full, durable=True, arguments={"x-max-length": 1, "x-overflow": "reject-publish"}
+    )
+    events_out.ch.queue_bind(full, settings.events_out_exchange, routing_key="#")
+    for i in range(3):
+        await login("u1", f"s{i}", i)
+    relay = Relay(settings)
+    try:
+        # When the relay publishes the three events, the broker nacks two of them
+        with pytest.raises(NackError):
+            await relay.step()
+        # Then none is marked sent: the whole batch goes out again on a later round
+        assert await pg.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 3
+        events_out.ch.queue_delete(full)
+        assert await relay.drain() == 3
+        assert await pg.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0
+    finally:
+        events_out.ch.queue_delete(full)
+        await relay.stop()
