@@ -7,7 +7,6 @@ past it, the original event goes to the dead-letter queue with its reason instea
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from typing import Any
@@ -32,8 +31,7 @@ event that cannot be applied holds back, and finally dead-letters, only itself."
 async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Outcome]:
     """One transaction for the batch, then the users' final snapshots to Redis, concurrently."""
     outcomes = await state.apply_events(events)
-    cache = runtime.require_cache()
-    await asyncio.gather(*(state.publish_snapshot(cache, o) for o in outcomes if o.snapshot))
+    await runtime.require_cache().sync_many([o.snapshot for o in outcomes if o.snapshot])
     return outcomes
 
 

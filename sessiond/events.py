@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
@@ -54,7 +54,7 @@ class Event:
         return f"{self.source}:h:{digest}"
 
     def to_wire(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = {f: getattr(self, f) for f in self.__slots__}
         data["occurred_at"] = self.occurred_at.isoformat()
         return data
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -47,11 +47,22 @@ class UserSnapshot:
         return self.status == "connected"
 
     def to_json(self) -> str:
-        data = asdict(self)
-        for key in ("connected_at", "seen_at", "last_activity_at"):
-            value = data[key]
-            data[key] = value.isoformat() if value is not None else None
-        data["session_started"] = {k: v.isoformat() for k, v in self.session_started.items()}
+        # Built by hand: ``dataclasses.asdict`` deep-copies every field, on the pipeline's hot path.
+        def iso(value: datetime | None) -> str | None:
+            return value.isoformat() if value is not None else None
+
+        data = {
+            "user_id": self.user_id,
+            "status": self.status,
+            "version": self.version,
+            "name": self.name,
+            "email": self.email,
+            "sessions": self.sessions,
+            "session_started": {k: v.isoformat() for k, v in self.session_started.items()},
+            "connected_at": iso(self.connected_at),
+            "seen_at": iso(self.seen_at),
+            "last_activity_at": iso(self.last_activity_at),
+        }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
@@ -118,10 +129,18 @@ class Cache:
 
     async def sync(self, snapshot: UserSnapshot) -> bool:
         """Writes (connected) or evicts (otherwise) ``user:<id>``; False if a newer one is there."""
-        payload = snapshot.to_json() if snapshot.connected else ""
-        keys = [user_key(snapshot.user_id), version_key(snapshot.user_id)]
-        done = await self._sync(keys=keys, args=[snapshot.version, payload, self.ttl_s])
-        return bool(done)
+        return (await self.sync_many([snapshot]))[0]
+
+    async def sync_many(self, snapshots: Sequence[UserSnapshot]) -> list[bool]:
+        """``sync`` for a batch's users in one round trip (a pipeline of the guarded script)."""
+        if not snapshots:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for snap in snapshots:
+            payload = snap.to_json() if snap.connected else ""
+            keys = [user_key(snap.user_id), version_key(snap.user_id)]
+            await self._sync(keys=keys, args=[snap.version, payload, self.ttl_s], client=pipe)
+        return [bool(done) for done in await pipe.execute()]
 
     async def evict_many(self, versions: Sequence[tuple[str, int]]) -> int:
         """Evicts disconnected users in bulk (the sweep), with ``sync``'s version guard: a user

@@ -213,6 +213,27 @@ async def test_an_older_snapshot_cannot_bring_an_expired_user_back(
     assert await cache.get("ghost") is None
 
 
+async def test_a_batch_sync_applies_the_guard_to_each_user(cache: cache_mod.Cache) -> None:
+    # Given one user cached at version 5
+    assert await cache.sync(UserSnapshot("a", "connected", 5, sessions=["s"]))
+
+    # When a batch brings an older version of it, a new user, and the eviction of a third
+    written = await cache.sync_many(
+        [
+            UserSnapshot("a", "connected", 4, sessions=["old"]),
+            UserSnapshot("b", "connected", 1, sessions=["t"]),
+            UserSnapshot("c", "disconnected", 2),
+        ]
+    )
+
+    # Then only the older version is refused, each user on its own
+    assert written == [False, True, True]
+    a, b = await cache.get("a"), await cache.get("b")
+    assert a is not None and (a.version, a.sessions) == (5, ["s"])
+    assert b is not None and (b.version, b.sessions) == (1, ["t"])
+    assert await cache.get("c") is None
+
+
 @pytest.mark.slow
 async def test_sweep_over_100k_connected_users_expires_exactly_the_10k_stale(
     db: Settings, cache: cache_mod.Cache, buffer: ActivityBuffer, pg: asyncpg.Connection
