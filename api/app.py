@@ -21,6 +21,7 @@ from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock, Recorder
 from api.context import App, AppContext
 from api.errors import JsonErrorHandler
 from api.metrics import Metrics
+from api.reconciler import Reconciler
 from api.routes import BLUEPRINTS
 from api.tokens import TokenValidator
 from sessiond.config import Settings, get_settings
@@ -107,6 +108,13 @@ async def _open(app: App) -> None:
     if ctx.tokens.keys is not None:
         await ctx.tokens.keys.refresh(force=True)
     ctx.recorder.start()
+    ctx.reconciler = Reconciler(
+        ctx.cache,
+        ctx.metrics,
+        period_s=settings.cache_reconcile_s,
+        window_s=settings.cache_reconcile_window_s,
+    )
+    ctx.reconciler.start()
 
 
 def _db_unavailable(request: Request, exception: Exception) -> HTTPResponse:
@@ -125,6 +133,7 @@ def _db_operational(request: Request, exception: Exception) -> HTTPResponse:
 
 async def _close(app: App) -> None:
     ctx = app.ctx
+    await ctx.reconciler.stop()
     await ctx.access.close()
     await ctx.recorder.stop()
     await ctx.cache.close()

@@ -10,6 +10,7 @@ from sanic.config import Config
 
 from api.access import AccessControl, Clock, Recorder
 from api.metrics import Metrics
+from api.reconciler import Reconciler
 from api.tokens import TokenValidator
 from sessiond.config import Settings
 from storage.activity import ActivityBuffer
@@ -25,6 +26,7 @@ class AppContext:
     activity: ActivityBuffer
     recorder: Recorder
     access: AccessControl
+    reconciler: Reconciler
 
     def __init__(
         self, *, settings: Settings, clock: Clock, tokens: TokenValidator, metrics: Metrics

@@ -127,9 +127,13 @@ class Metrics:
             "Responses with a status of 500 or more, by status.",
             ("status",),
         )
+        self.reconciled = Counter(
+            "sessiond_cache_reconciled_total",
+            "Cached users evicted by the reconciler because their entry was older than the row.",
+        )
 
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.decisions, self.latency, self.cache, self.errors):
+        for metric in (self.decisions, self.latency, self.cache, self.errors, self.reconciled):
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

@@ -91,15 +91,16 @@ return 1
 """
 
 
-# The same guard for many users at once: KEYS are (user key, version key) pairs, ARGV the TTL
-# then one new version per user.
+# The same guard for many users at once: KEYS are (user key, version key) pairs, ARGV the TTL,
+# the margin (0: evict up to the same version; 1: only older ones) then one version per user.
 _EVICT_MANY = """
 local ttl = tonumber(ARGV[1]) * 2
+local margin = tonumber(ARGV[2])
 local done = 0
 for i = 1, #KEYS, 2 do
-  local v = ARGV[(i + 1) / 2 + 1]
+  local v = ARGV[(i + 1) / 2 + 2]
   local cur = tonumber(redis.call('GET', KEYS[i + 1]) or '-1')
-  if tonumber(v) >= cur then
+  if tonumber(v) - margin >= cur then
     redis.call('SET', KEYS[i + 1], v, 'EX', ttl)
     redis.call('DEL', KEYS[i])
     done = done + 1
@@ -142,13 +143,16 @@ class Cache:
             await self._sync(keys=keys, args=[snap.version, payload, self.ttl_s], client=pipe)
         return [bool(done) for done in await pipe.execute()]
 
-    async def evict_many(self, versions: Sequence[tuple[str, int]]) -> int:
-        """Evicts disconnected users in bulk (the sweep), with ``sync``'s version guard: a user
-        whose newer version is cached meanwhile stays. Returns how many were evicted."""
+    async def evict_many(
+        self, versions: Sequence[tuple[str, int]], *, older_only: bool = False
+    ) -> int:
+        """Evicts users in bulk with ``sync``'s version guard: a user whose newer version is
+        cached meanwhile stays. ``older_only`` also keeps an entry written at exactly that
+        version (it is current). Returns how many were evicted."""
         done = 0
         for start in range(0, len(versions), EVICT_CHUNK):
             keys: list[str] = []
-            args: list[int] = [self.ttl_s]
+            args: list[int] = [self.ttl_s, 1 if older_only else 0]
             for user_id, version in versions[start : start + EVICT_CHUNK]:
                 keys += [user_key(user_id), version_key(user_id)]
                 args.append(version)

@@ -36,6 +36,8 @@ class User(Model):
             PartialIndex(
                 fields=("seen_at",), condition={"status": CONNECTED}, name="users_idle_idx"
             ),
+            # The API's cache reconciler reads the users changed in the last seconds.
+            Index(fields=("updated_at",), name="users_updated_idx"),
         )
 
 
