@@ -69,6 +69,7 @@ class Publisher:
         self._tag = 0
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._calls: set[asyncio.Future[Any]] = set()
+        self._closed: asyncio.Future[None] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -88,7 +89,10 @@ class Publisher:
         def on_open_error(_conn: Any, exc: BaseException) -> None:
             _settle(opened, error=ConnectionError(f"cannot reach RabbitMQ: {exc!r}"))
 
+        closed = self._closed = asyncio.get_running_loop().create_future()
+
         def on_close(_conn: Any, exc: BaseException) -> None:
+            _settle(closed)
             self._lost(ConnectionError(f"RabbitMQ connection closed: {exc!r}"))
 
         self.conn = AsyncioConnection(
@@ -178,10 +182,14 @@ class Publisher:
         self._waiting.clear()
 
     async def close(self) -> None:
+        """Closes the connection cleanly (waiting briefly for the broker's close-ok)."""
         conn, self.conn, self.channel = self.conn, None, None
+        closed, self._closed = self._closed, None
         if conn is not None and conn.is_open:
             with contextlib.suppress(Exception):
                 conn.close()
+                if closed is not None:
+                    await asyncio.wait_for(asyncio.shield(closed), 2.0)
         self._lost(ConnectionError("publisher closed"))
 
 
