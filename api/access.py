@@ -1,9 +1,12 @@
 """The access decision (CONTRACT §2): is the token's user, and its session, alive right now?
 
 Hot path (a cache hit of an active user): one Redis ``GET user:<id>``; the pending-activity
-``HGET`` only when the cached times alone say "idle". Writes never happen per request: granted
-requests and decisions go to a per-process ``Recorder`` that pushes them to Redis in batches
-(``activity`` hash, ``audit:access`` list), from where the flush job moves them to PostgreSQL.
+``HGET`` only when the cached times alone say "idle". A miss reads ``gone:<id>`` first: a user
+whose logout Redis saw is refused without a PostgreSQL query.
+
+Writes never happen per request: granted requests and decisions go to a per-process ``Recorder``
+that pushes them to Redis in batches (``activity`` hash, ``audit:access`` list), from where the
+flush job moves them to PostgreSQL.
 
 Degraded modes (never a wrong 200):
 - Redis unreachable: the decision comes from PostgreSQL, the source of truth (slower, correct).
@@ -334,6 +337,15 @@ class AccessControl:
             self._redis_failed(exc)
             return False, None
 
+    async def _gone(self, user_id: str) -> bool:
+        """On a miss: the newest change Redis saw disconnected the user, so no database query.
+        Unknown when Redis fails: PostgreSQL decides."""
+        try:
+            return await self.cache.is_gone(user_id)
+        except REDIS_UNAVAILABLE as exc:
+            self._redis_failed(exc)
+            return False
+
     async def authenticate(self, header: str | None, route: str) -> Principal:
         """The token alone (admin routes); a refusal is counted and journaled."""
         try:
@@ -373,6 +385,9 @@ class AccessControl:
             if parsed is None:
                 parsed = self._parse(raw)
         else:
+            if usable and await self._gone(user_id):
+                self._cache_hits.inc("gone")
+                raise self.refuse(principal, route, "not_connected")
             self._cache_hits.inc("miss" if usable else "bypass")
             snapshot = await self._load(user_id)
             if snapshot is None:

@@ -119,7 +119,8 @@ class Metrics:
         )
         self.cache = Counter(
             "sessiond_user_cache_total",
-            "Redis user cache lookups by result (hit, miss).",
+            "Redis user cache lookups by result: hit, miss, gone (a miss refused by the user's"
+            " gone mark), bypass (Redis down).",
             ("result",),
         )
         self.errors = Counter(

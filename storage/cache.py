@@ -26,6 +26,13 @@ def version_key(user_id: str) -> str:
     return f"uver:{user_id}"
 
 
+def gone_key(user_id: str) -> str:
+    """Present (TTL as ``user:<id>``) while the newest change known to Redis disconnected the
+    user: the API refuses such a user's tokens without asking PostgreSQL, so clients that keep
+    calling with a logged-out token cost one Redis read each, not a database query."""
+    return f"gone:{user_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class UserSnapshot:
     """What a cache hit must answer: is the user (and which sessions) connected, and since when."""
@@ -76,7 +83,7 @@ class UserSnapshot:
         return cls(**data)
 
 
-# KEYS: user key, version key. ARGV: version, payload ("" = evict), ttl seconds.
+# KEYS: user key, version key, gone key. ARGV: version, payload ("" = evict), ttl seconds.
 _SYNC = """
 local cur = tonumber(redis.call('GET', KEYS[2]) or '-1')
 local v = tonumber(ARGV[1])
@@ -84,25 +91,35 @@ if v < cur then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[3]) * 2)
 if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', tonumber(ARGV[3]))
 else
   redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+  redis.call('DEL', KEYS[3])
 end
 return 1
 """
 
 
-# The same guard for many users at once: KEYS are (user key, version key) pairs, ARGV the TTL,
-# the margin (0: evict up to the same version; 1: only older ones) then one version per user.
+# The same guard for many users at once: KEYS are (user, version, gone) key triples; ARGV the
+# TTL, the margin (0: evict up to the same version; 1: only older ones), whether the users are
+# known to be disconnected (1: mark them gone; 0: unknown, forget any mark), then one version per
+# user.
 _EVICT_MANY = """
-local ttl = tonumber(ARGV[1]) * 2
+local ttl = tonumber(ARGV[1])
 local margin = tonumber(ARGV[2])
+local gone = ARGV[3] == '1'
 local done = 0
-for i = 1, #KEYS, 2 do
-  local v = ARGV[(i + 1) / 2 + 2]
+for i = 1, #KEYS, 3 do
+  local v = ARGV[(i + 2) / 3 + 3]
   local cur = tonumber(redis.call('GET', KEYS[i + 1]) or '-1')
   if tonumber(v) - margin >= cur then
-    redis.call('SET', KEYS[i + 1], v, 'EX', ttl)
+    redis.call('SET', KEYS[i + 1], v, 'EX', ttl * 2)
     redis.call('DEL', KEYS[i])
+    if gone then
+      redis.call('SET', KEYS[i + 2], v, 'EX', ttl)
+    else
+      redis.call('DEL', KEYS[i + 2])
+    end
     done = done + 1
   end
 end
@@ -139,25 +156,31 @@ class Cache:
         pipe = self.client.pipeline(transaction=False)
         for snap in snapshots:
             payload = snap.to_json() if snap.connected else ""
-            keys = [user_key(snap.user_id), version_key(snap.user_id)]
+            keys = [user_key(snap.user_id), version_key(snap.user_id), gone_key(snap.user_id)]
             await self._sync(keys=keys, args=[snap.version, payload, self.ttl_s], client=pipe)
         return [bool(done) for done in await pipe.execute()]
 
     async def evict_many(
-        self, versions: Sequence[tuple[str, int]], *, older_only: bool = False
+        self, versions: Sequence[tuple[str, int]], *, disconnected: bool, older_only: bool = False
     ) -> int:
         """Evicts users in bulk with ``sync``'s version guard: a user whose newer version is
-        cached meanwhile stays. ``older_only`` also keeps an entry written at exactly that
-        version (it is current). Returns how many were evicted."""
+        cached meanwhile stays. ``disconnected``: the versions are disconnections (mark the users
+        gone); otherwise their status is unknown and any gone mark is dropped too. ``older_only``
+        also keeps an entry written at exactly that version (it is current). Returns how many
+        were evicted."""
         done = 0
         for start in range(0, len(versions), EVICT_CHUNK):
             keys: list[str] = []
-            args: list[int] = [self.ttl_s, 1 if older_only else 0]
+            args: list[int] = [self.ttl_s, 1 if older_only else 0, 1 if disconnected else 0]
             for user_id, version in versions[start : start + EVICT_CHUNK]:
-                keys += [user_key(user_id), version_key(user_id)]
+                keys += [user_key(user_id), version_key(user_id), gone_key(user_id)]
                 args.append(version)
             done += int(await self._evict_many(keys=keys, args=args))
         return done
+
+    async def is_gone(self, user_id: str) -> bool:
+        """The newest change Redis saw disconnected the user (see ``gone_key``)."""
+        return bool(await self.client.exists(gone_key(user_id)))
 
     async def get(self, user_id: str) -> UserSnapshot | None:
         raw = await self.client.get(user_key(user_id))

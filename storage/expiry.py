@@ -197,11 +197,14 @@ async def _pending(buffer: ActivityBuffer, user_ids: Sequence[str]) -> dict[str,
     return {uid: float(raw) for uid, raw in zip(user_ids, values, strict=True) if raw is not None}
 
 
-# Eviction of many users in one call, with the version guard of ``Cache.sync``: KEYS are
-# (user key, version key) pairs, ARGV the cache TTL then one new version per user.
-async def _evict(cache: Cache, expired: Sequence[dict[str, Any]]) -> int:
-    """Evicts ``user:<id>`` of the expired users unless a newer version is cached already."""
-    return await cache.evict_many([(str(row["id"]), int(row["version"])) for row in expired])
+async def _evict(cache: Cache, rows: Sequence[dict[str, Any]]) -> int:
+    """Evicts ``user:<id>`` of the touched users unless a newer version is cached already. A row
+    with ``status`` connected (the lifetime pass: another session is still open) is only evicted;
+    the others are disconnections, marked gone (``storage.cache.gone_key``)."""
+    gone = [(str(r["id"]), int(r["version"])) for r in rows if r.get("status") != CONNECTED]
+    kept = [(str(r["id"]), int(r["version"])) for r in rows if r.get("status") == CONNECTED]
+    evicted = await cache.evict_many(gone, disconnected=True)
+    return evicted + await cache.evict_many(kept, disconnected=False)
 
 
 async def _expire_batch(

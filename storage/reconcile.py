@@ -5,7 +5,8 @@ from the worker past its retry budget, a network split that leaves Redis's data 
 entry of a user who logged out would stay until its TTL, and an API that can still read that
 Redis would grant on it: the one way to a wrong 200 left. So every few seconds one API process
 (a Redis lock elects it) reads the users PostgreSQL changed lately and evicts each entry older
-than the user's row version; an entry at the current version is left alone.
+than the user's row version, with its ``gone:`` mark (a login whose write was lost must not stay
+refused either); an entry at the current version is left alone.
 
 ``updated_at`` is the transaction's start time, so the window covers transactions that commit up
 to ``window_s`` after they began (the pipeline's batches take well under a second).
@@ -39,7 +40,7 @@ async def reconcile(cache: Cache, *, window_s: float, limit: int = 100_000) -> R
     """Evicts the cached users whose entry is older than their row; the caller holds the turn."""
     rows = await conn().execute_query_dict(_CHANGED, [window_s, limit])
     versions = [(str(r["id"]), int(r["version"])) for r in rows]
-    evicted = await cache.evict_many(versions, older_only=True)
+    evicted = await cache.evict_many(versions, disconnected=False, older_only=True)
     return Reconciled(checked=len(versions), evicted=evicted)
 
 

@@ -53,6 +53,7 @@ async def test_user_idle_31_minutes_is_expired_evicted_and_journaled(
         NOW,
     )
     assert await cache.client.exists("user:idle") == 0
+    assert await cache.is_gone("idle")  # its tokens are refused from Redis alone
     audit = await pg.fetch("SELECT * FROM audit_events WHERE kind = 'expired'")
     assert [(a["user_id"], a["session_id"], a["reason"]) for a in audit] == [
         ("idle", "phone", "idle_timeout")

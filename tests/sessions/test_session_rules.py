@@ -166,8 +166,10 @@ async def test_sweep_ends_sessions_past_their_lifetime(
     users = {r["id"]: r for r in await pg.fetch("SELECT * FROM users")}
     assert users["u1"]["status"] == "connected" and users["u1"]["version"] == before + 1
     assert users["u2"]["status"] == "disconnected" and users["u2"]["disconnected_at"] == NOW
-    # And both cache entries were evicted, so the next request reloads the shorter list
+    # And both cache entries were evicted, so the next request reloads the shorter list; only
+    # u2, disconnected, is marked gone
     assert await cache.get("u1") is None and await cache.get("u2") is None
+    assert (await cache.is_gone("u1"), await cache.is_gone("u2")) == (False, True)
     reloaded = await state.load_snapshot("u1")
     assert reloaded is not None and reloaded.sessions == ["young"]
     # And journaled and announced
