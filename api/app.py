@@ -8,7 +8,11 @@ import time.
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 from typing import Final
 
 from sanic import HTTPResponse, Request, Sanic
@@ -20,7 +24,7 @@ from tortoise.exceptions import OperationalError
 from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock, Recorder
 from api.context import App, AppContext
 from api.errors import JsonErrorHandler
-from api.metrics import Metrics
+from api.metrics import Metrics, SharedMetrics
 from api.reconciler import Reconciler
 from api.routes import BLUEPRINTS
 from api.tokens import TokenValidator
@@ -82,9 +86,31 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     for kind in DB_CONNECTION_ERRORS:
         app.error_handler.add(kind, _db_unavailable)
     app.error_handler.add(OperationalError, _db_operational)
+    app.register_listener(_share_metrics, "main_process_start")
+    app.register_listener(_unshare_metrics, "main_process_stop")
     app.register_listener(_open, "before_server_start")
     app.register_listener(_close, "after_server_stop")
     return app
+
+
+_OWN_METRICS_DIR: Final = "SESSIOND_OWN_METRICS_DIR"
+
+
+def _share_metrics(app: App) -> None:
+    """Runs once in Sanic's main process, before it starts the workers (which inherit the
+    environment): gives them a directory to add their metrics up in (``SharedMetrics``)."""
+    if app.ctx.settings.metrics_dir is None:
+        os.environ["SESSIOND_METRICS_DIR"] = tempfile.mkdtemp(prefix="sessiond-metrics-")
+        os.environ[_OWN_METRICS_DIR] = "1"
+    else:
+        for stale in Path(app.ctx.settings.metrics_dir).glob("*.json"):
+            stale.unlink(missing_ok=True)  # a previous run's workers
+
+
+def _unshare_metrics(app: App) -> None:
+    directory = os.environ.get("SESSIOND_METRICS_DIR")
+    if directory and os.environ.pop(_OWN_METRICS_DIR, None):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 async def _open(app: App) -> None:
@@ -108,6 +134,9 @@ async def _open(app: App) -> None:
     if ctx.tokens.keys is not None:
         await ctx.tokens.keys.refresh(force=True)
     ctx.recorder.start()
+    if settings.metrics_dir is not None:
+        ctx.shared_metrics = SharedMetrics(ctx.metrics, Path(settings.metrics_dir))
+        ctx.shared_metrics.start()
     ctx.reconciler = Reconciler(
         ctx.cache,
         ctx.metrics,
@@ -134,6 +163,8 @@ def _db_operational(request: Request, exception: Exception) -> HTTPResponse:
 async def _close(app: App) -> None:
     ctx = app.ctx
     await ctx.reconciler.stop()
+    if ctx.shared_metrics is not None:
+        await ctx.shared_metrics.stop()
     await ctx.access.close()
     await ctx.recorder.stop()
     await ctx.cache.close()

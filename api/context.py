@@ -9,7 +9,7 @@ from sanic import Request, Sanic
 from sanic.config import Config
 
 from api.access import AccessControl, Clock, Recorder
-from api.metrics import Metrics
+from api.metrics import Metrics, SharedMetrics
 from api.reconciler import Reconciler
 from api.tokens import TokenValidator
 from sessiond.config import Settings
@@ -35,6 +35,7 @@ class AppContext:
         self.clock = clock
         self.tokens = tokens
         self.metrics = metrics
+        self.shared_metrics: SharedMetrics | None = None
 
 
 App = Sanic[Config, AppContext]

@@ -1,15 +1,23 @@
 """A tiny Prometheus registry (counters and histograms, text exposition format 0.0.4).
 
 ``prometheus_client`` is not a dependency; this covers what ``/metrics`` needs with a dict update
-per observation. Each Sanic worker process has its own registry, so a scrape reports the worker
-that answered it (see docs/api.md).
+per observation. Each Sanic worker process keeps its own registry; with several workers,
+``SharedMetrics`` makes every scrape report the sum over all of them, whichever worker answers.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
+import os
 from bisect import bisect_left
 from collections.abc import Sequence
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
+
+log = logging.getLogger(__name__)
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS: Final = (
@@ -56,6 +64,9 @@ class Counter:
     def get(self, *labels: str) -> float:
         return self.values.get(labels, 0.0)
 
+    def add(self, labels: tuple[str, ...], value: float) -> None:
+        self.values[labels] = self.values.get(labels, 0.0) + value
+
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         for labels, value in sorted(self.values.items()):
@@ -84,6 +95,13 @@ class Histogram:
             row = self.values[labels] = [0.0] * (len(self.buckets) + 2)
         row[bisect_left(self.buckets, value)] += 1
         row[-1] += value
+
+    def add(self, labels: tuple[str, ...], row: Sequence[float]) -> None:
+        mine = self.values.get(labels)
+        if mine is None:
+            mine = self.values[labels] = [0.0] * (len(self.buckets) + 2)
+        for i, value in enumerate(row):
+            mine[i] += value
 
     def count(self, *labels: str) -> int:
         row = self.values.get(labels)
@@ -133,8 +151,71 @@ class Metrics:
             "Cached users evicted by the reconciler because their entry was older than the row.",
         )
 
+    def families(self) -> tuple[Counter | Histogram, ...]:
+        return (self.decisions, self.latency, self.cache, self.errors, self.reconciled)
+
+    def snapshot(self) -> dict[str, list[list[Any]]]:
+        """Every family's values as JSON-able ``[labels, value or bucket row]`` pairs."""
+        return {f.name: [[list(k), v] for k, v in f.values.items()] for f in self.families()}
+
+    def absorb(self, snapshot: dict[str, list[list[Any]]]) -> None:
+        for family in self.families():
+            for labels, value in snapshot.get(family.name, []):
+                family.add(tuple(labels), value)  # type: ignore[arg-type]
+
     def render(self) -> str:
         lines: list[str] = []
-        for metric in (self.decisions, self.latency, self.cache, self.errors, self.reconciled):
+        for metric in self.families():
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"
+
+
+class SharedMetrics:
+    """The sum over the Sanic workers of one API process, by way of a directory: each worker
+    writes its snapshot there every ``period_s`` (atomically) and before answering a scrape,
+    then adds up every file. A worker that died keeps its file, so totals never go backwards
+    while the process lives; the main process creates the directory anew at each start."""
+
+    def __init__(self, metrics: Metrics, directory: Path, *, period_s: float = 1.0) -> None:
+        self.metrics = metrics
+        self.directory = directory
+        self.period_s = period_s
+        self.path = directory / f"{os.getpid()}.json"
+        self._task: asyncio.Task[None] | None = None
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.metrics.snapshot()))
+        os.replace(tmp, self.path)
+
+    def render(self) -> str:
+        self.write()
+        total = Metrics()
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                total.absorb(json.loads(path.read_text()))
+            except (OSError, ValueError) as exc:  # a file being replaced: its worker's next write
+                log.debug("metrics file skipped", extra={"path": str(path), "error": repr(exc)})
+        return total.render()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                self.write()
+            except OSError as exc:
+                log.warning("metrics snapshot not written", extra={"error": repr(exc)[:300]})
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.write()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(OSError):
+            self.write()

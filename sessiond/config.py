@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     api_workers: int = Field(default=2, ge=1)
+    # Where the API's Sanic workers share their metrics; unset: a fresh temporary directory per
+    # start of the main process (set it to put that directory on a volume of your choice).
+    metrics_dir: str | None = None
 
     @field_validator("amqp_url")
     @classmethod

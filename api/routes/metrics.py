@@ -1,4 +1,4 @@
-"""``/metrics``: Prometheus text exposition of this worker's registry."""
+"""``/metrics``: Prometheus text exposition, summed over the API's Sanic workers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ bp = Blueprint("metrics")
 
 
 @bp.get("/metrics", name="metrics")
-@openapi.summary("Prometheus metrics of the worker that answers")
+@openapi.summary("Prometheus metrics of this API process (all its workers)")
 async def metrics(request: Req) -> HTTPResponse:
-    return HTTPResponse(request.app.ctx.metrics.render(), content_type=CONTENT_TYPE)
+    ctx = request.app.ctx
+    body = ctx.shared_metrics.render() if ctx.shared_metrics else ctx.metrics.render()
+    return HTTPResponse(body, content_type=CONTENT_TYPE)

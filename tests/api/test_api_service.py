@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -103,11 +104,16 @@ async def test_unexpected_error_is_500_with_a_logged_request_id(
 
 
 async def test_api_process_with_two_workers(
-    spawn: Callable[..., Process], migrated: object, cache: object
+    spawn: Callable[..., Process], migrated: object, cache: object, tmp_path: Path
 ) -> None:
     """``sessiond api --workers 2``: Sanic's multi-worker mode, the factory run in each worker."""
     port = free_port()
-    proc = spawn("api", "--workers", "2", "--port", str(port), env={"SESSIOND_LOG_LEVEL": "INFO"})
+    # A previous run's metrics left in the directory must not count
+    (tmp_path / "4242.json").write_text(
+        '{"sessiond_access_decisions_total": [[["x", "y", "z"], 7]]}'
+    )
+    env = {"SESSIOND_LOG_LEVEL": "INFO", "SESSIOND_METRICS_DIR": str(tmp_path)}
+    proc = spawn("api", "--workers", "2", "--port", str(port), env=env)
     url = f"http://127.0.0.1:{port}"
 
     def both_workers_ready() -> bool:
@@ -120,6 +126,18 @@ async def test_api_process_with_two_workers(
         reply = http(url + "/auth/check", token=mint("nobody"))
         assert (reply.status, reply.json()["reason"]) == (403, "not_connected")
     assert http(url + "/auth/check").status == 401
+
+    # Every scrape reports both workers' decisions, whichever worker answers it
+    refused = 'decision="forbidden",reason="not_connected"} 10'
+    invalid = 'decision="invalid_token",reason="missing"} 1'
+
+    def scrapes_agree() -> bool:
+        bodies = [http(url + "/metrics").body.decode() for _ in range(6)]
+        return all(refused in b and invalid in b for b in bodies)
+
+    wait_until(scrapes_agree, timeout=10)
+    assert len(list(tmp_path.glob("*.json"))) == 2  # one per worker, the stale one gone
+    assert 'route="x"' not in http(url + "/metrics").body.decode()
     # SIGTERM to the main process only, as Kubernetes does: workers drain and close cleanly.
     # Sanic 25.12's main process hangs on a SIGTERM within ~1 s of "Worker ready" (seen with a
     # bare Sanic app too), hence the pause.
