@@ -117,6 +117,7 @@ class Recorder:
         self._entries: list[tuple[float, str | None, str | None, str, str | None, str]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
         self._tails: dict[tuple[str | None, str | None, str, str | None, str], str] = {}
         self._warned_at = float("-inf")
 
@@ -200,21 +201,25 @@ class Recorder:
         return True
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+                async with asyncio.timeout(self.interval_s):
+                    await self._wake.wait()
             self._wake.clear()
             await self.flush()
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.get_running_loop().create_task(self._run(), name="recorder")
 
     async def stop(self) -> None:
+        """Lets the loop end after one last flush instead of cancelling it mid-flush (a
+        cancelled ``wait_for`` could leave Python 3.11's task stuck in ``cancelling``)."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._stopping = True
+            self._wake.set()
+            await self._task
             self._task = None
         await self.flush()
 

@@ -134,7 +134,8 @@ async def test_postgres_down_cache_hit_answers_miss_is_503(
         # Then a cache hit still answers (Redis holds the projection), a miss cannot: 503
         assert await status(api, "cached") == (200, "")
         assert await status(api, "uncached") == (503, "unavailable")
-        assert await status(api, "gone") == (503, "unavailable")  # not cached: unknown
+        # A logged-out user is refused from Redis's gone mark, without PostgreSQL
+        assert await status(api, "gone") == (403, "not_connected")
         assert await status(api, "nobody") == (503, "unavailable")
         me = await api.get("/api/me", token=mint("uncached"))
         assert me.status == 503
