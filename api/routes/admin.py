@@ -31,6 +31,7 @@ SESSION_FIELDS: Final = "session_id, status, started_at, ended_at, end_reason, i
 STATUSES: Final = frozenset({"connected", "disconnected"})
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
+MAX_ID: Final = 128
 
 
 def _plain(row: dict[str, Any]) -> dict[str, Any]:
@@ -47,6 +48,14 @@ async def _guard(request: Req) -> None:
     await request.app.ctx.access.authorize_role(request.headers.get("authorization"), ROUTE, ROLE)
 
 
+def _id(value: str, name: str) -> str:
+    """A user or session id as events carry them (at most 128 characters, no NUL): anything
+    else names nothing, and PostgreSQL text cannot even hold a NUL (a 500 otherwise)."""
+    if "\x00" in value or len(value) > MAX_ID:
+        raise BadRequest(f"invalid {name}")
+    return value
+
+
 async def _load_user(user_id: str) -> dict[str, Any]:
     rows = await conn().execute_query_dict(
         f"SELECT {USER_FIELDS} FROM users WHERE id = $1", [user_id]
@@ -61,7 +70,7 @@ async def _load_user(user_id: str) -> dict[str, Any]:
 @openapi.secured("bearer")
 async def get_user(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
-    user = await _load_user(user_id)
+    user = await _load_user(_id(user_id, "user_id"))
     sessions = await conn().execute_query_dict(
         f"SELECT {SESSION_FIELDS} FROM sessions WHERE user_id = $1 ORDER BY started_at, id",
         [user_id],
@@ -87,6 +96,8 @@ async def list_users(request: Req) -> HTTPResponse:
     if not 1 <= limit <= MAX_LIMIT:
         raise BadRequest(f"limit must be between 1 and {MAX_LIMIT}")
     cursor = request.args.get("cursor") or None
+    if cursor is not None:
+        _id(cursor, "cursor")
     rows = await conn().execute_query_dict(
         f"SELECT {USER_FIELDS} FROM users"
         " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR id > $2)"
@@ -103,7 +114,7 @@ async def list_users(request: Req) -> HTTPResponse:
 @openapi.secured("bearer")
 async def disconnect(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
-    await _load_user(user_id)
+    await _load_user(_id(user_id, "user_id"))
     outcome = await force_disconnect(user_id, reason="admin", source="admin")
     await publish_snapshot(request.app.ctx.cache, outcome)
     snapshot = outcome.snapshot
@@ -122,7 +133,10 @@ async def disconnect(request: Req, user_id: str) -> HTTPResponse:
 @openapi.secured("bearer")
 async def revoke(request: Req, session_id: str) -> HTTPResponse:
     await _guard(request)
+    _id(session_id, "session_id")
     user_id = request.args.get("user_id") or None
+    if user_id is not None:
+        _id(user_id, "user_id")
     if user_id is None:
         owners = await find_session_owners(session_id)
         if not owners:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from storage.db import conn
-from tests.api.conftest import Api, mint
+from tests.api.conftest import Api, http, mint
 
 pytestmark = pytest.mark.integration
 
@@ -76,9 +78,36 @@ async def test_users_keyset_pagination(api: Api) -> None:
     everyone = (await api.get("/admin/users", token=ADMIN)).json()
     assert [u["user_id"] for u in everyone["users"]] == ["u1", "u2", "u3", "u4", "u5"]
     assert everyone["next_cursor"] is None
-    for bad in ("status=gone", "limit=0", "limit=x", "limit=5000"):
+    for bad in (
+        "status=gone",
+        "limit=0",
+        "limit=x",
+        "limit=5000",
+        "cursor=%00",
+        "cursor=" + "x" * 129,
+    ):
         reply = await api.get(f"/admin/users?{bad}", token=ADMIN)
         assert (reply.status, reply.json()["error"]) == (400, "bad_request")
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        # Sanic's router matches no route for a NUL in the path
+        ("GET", "/admin/users/a%00b", (404, "not_found")),
+        ("POST", "/admin/users/a%00b/disconnect", (404, "not_found")),
+        ("DELETE", "/admin/sessions/a%00b", (404, "not_found")),
+        ("DELETE", "/admin/sessions/s1?user_id=a%00b", (400, "bad_request")),
+        ("GET", "/admin/users/" + "x" * 129, (400, "bad_request")),
+        ("DELETE", "/admin/sessions/" + "x" * 129, (400, "bad_request")),
+    ],
+)
+async def test_ids_no_event_could_carry_are_refused_never_a_500(
+    api: Api, method: str, path: str, expected: tuple[int, str]
+) -> None:
+    # PostgreSQL text cannot hold a NUL: such an id is refused before any query
+    reply = await asyncio.to_thread(http, api.url + path, method=method, token=ADMIN)
+    assert (reply.status, reply.json()["error"]) == expected
 
 
 async def test_forced_disconnect_takes_effect_on_the_next_request(api: Api) -> None:
