@@ -33,6 +33,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from tortoise.exceptions import DBConnectionError
 
+from api.background import cancel
 from api.metrics import Metrics
 from api.tokens import Principal, TokenError, TokenValidator
 from sessiond.errors import DependencyUnavailable, SessiondError
@@ -320,11 +321,8 @@ class AccessControl:
             log.warning("redis available again; cache in use")
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
+        await cancel(self._probe)
+        self._probe = None
 
     async def _load(self, user_id: str) -> UserSnapshot | None:
         try:

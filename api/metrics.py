@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+from api.background import cancel, every
+
 log = logging.getLogger(__name__)
 
 CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
@@ -198,24 +200,16 @@ class SharedMetrics:
                 log.debug("metrics file skipped", extra={"path": str(path), "error": repr(exc)})
         return total.render()
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.period_s)
-            try:
-                self.write()
-            except OSError as exc:
-                log.warning("metrics snapshot not written", extra={"error": repr(exc)[:300]})
-
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.write()
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="metrics")
+        self._task = every(self.period_s, self._write, name="metrics")
+
+    async def _write(self) -> None:
+        self.write()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
         with contextlib.suppress(OSError):
             self.write()

@@ -5,9 +5,9 @@ API can reach Redis, so can its reconciler, whatever the workers can reach."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
+from api.background import cancel, every
 from api.metrics import Metrics
 from storage.cache import Cache
 from storage.reconcile import reconcile, take_turn
@@ -36,21 +36,10 @@ class Reconciler:
             )
         return done.evicted
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.period_s)
-            try:
-                await self.step()
-            except Exception as exc:  # Redis or PostgreSQL down: the request path reports it
-                log.debug("cache reconciler skipped a turn", extra={"error": repr(exc)[:300]})
-
     def start(self) -> None:
         if self.period_s > 0 and self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run(), name="reconciler")
+            self._task = every(self.period_s, self.step, name="reconciler")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel(self._task)
+        self._task = None
