@@ -68,7 +68,10 @@ def keycloak_source(settings: Settings) -> Source:
     exchange = settings.keycloak_exchange
     if not exchange:
         raise ValueError("SESSIOND_KEYCLOAK_EXCHANGE is not set")
-    decoder = keycloak.KeycloakDecoder(max_bytes=settings.max_event_bytes)
+    decoder = keycloak.KeycloakDecoder(
+        max_bytes=settings.max_event_bytes,
+        binding_keys=keycloak.bindings(settings.keycloak_routing_keys),
+    )
 
     def declare(ch: Any) -> None:
         # ``amq.*`` exchanges exist in every vhost and may not be declared by clients.

@@ -25,6 +25,7 @@ plugin's ``id`` (Keycloak 22+) when present, else a hash of kind, user, session 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -52,6 +53,22 @@ def bindings(routing_keys: str) -> list[str]:
     return [key.strip() for key in routing_keys.split(",") if key.strip()]
 
 
+def topic_matches(binding_key: str, routing_key: str) -> bool:
+    """AMQP topic matching: words split on ``.``, ``*`` is exactly one word, ``#`` zero or more."""
+    pattern, words = binding_key.split("."), routing_key.split(".")
+    # reachable[j]: the pattern so far can consume exactly the first j words
+    reachable = [True] + [False] * len(words)
+    for part in pattern:
+        if part == "#":
+            for j in range(1, len(words) + 1):
+                reachable[j] = reachable[j] or reachable[j - 1]
+        else:
+            reachable = [False] + [
+                reachable[j] and (part in ("*", words[j])) for j in range(len(words))
+            ]
+    return reachable[-1]
+
+
 def is_error(routing_key: str, obj: dict[str, Any]) -> bool:
     """A failed attempt: the plugin's ``ERROR`` result segment, or an ``error`` field."""
     return ".ERROR." in f".{routing_key}." or obj.get("error") is not None
@@ -68,16 +85,25 @@ def _time(value: Any, received_at: datetime) -> datetime:
 
 class KeycloakDecoder:
     """Decodes plugin messages; ``counts`` tallies what was seen (``LOGIN``, ``ignored:<TYPE>``,
-    ``error:<TYPE>``) for logs and metrics. Used by one ingress thread: no locking."""
+    ``error:<TYPE>``, ``unbound``) for logs and metrics. Used by one ingress thread: no locking.
 
-    def __init__(self, *, max_bytes: int = 64 * 1024) -> None:
+    With ``binding_keys``, a message whose routing key matches none of them is acknowledged and
+    ignored (``unbound``): AMQP cannot list a queue's bindings, so one removed from
+    ``SESSIOND_KEYCLOAK_ROUTING_KEYS`` stays on the queue until unbound by hand, and the
+    configuration, not the broker's leftovers, decides what starts a session."""
+
+    def __init__(self, *, max_bytes: int = 64 * 1024, binding_keys: Sequence[str] = ()) -> None:
         self.max_bytes = max_bytes
+        self.binding_keys = tuple(binding_keys)
         self.counts: Counter[str] = Counter()
 
     def __call__(self, body: bytes, received_at: datetime, routing_key: str = "") -> Event | None:
         return self.decode(body, received_at=received_at, routing_key=routing_key)
 
     def decode(self, body: bytes, *, received_at: datetime, routing_key: str = "") -> Event | None:
+        if self.binding_keys and not any(topic_matches(k, routing_key) for k in self.binding_keys):
+            self.counts["unbound"] += 1
+            return None
         obj = load_object(body, self.max_bytes)
         event_type = obj.get("type")
         if not isinstance(event_type, str) or not event_type:

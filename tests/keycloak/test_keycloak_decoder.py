@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from sessiond.errors import InvalidEvent
-from sessiond.keycloak import KeycloakDecoder, bindings
+from sessiond.keycloak import KeycloakDecoder, bindings, topic_matches
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 TIME_MS = 1732521600123
@@ -133,3 +133,34 @@ def test_routing_keys_setting_is_comma_separated() -> None:
     assert bindings(" KK.EVENT.CLIENT.a.# , KK.EVENT.CLIENT.b.#,") == [
         "KK.EVENT.CLIENT.a.#", "KK.EVENT.CLIENT.b.#",
     ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("binding_key", "routing_key", "matches"),
+    [
+        ("KK.EVENT.CLIENT.#", OK_KEY, True),
+        ("KK.EVENT.CLIENT.myrealm.#", OK_KEY, True),
+        ("KK.EVENT.CLIENT.other.#", OK_KEY, False),
+        ("KK.EVENT.CLIENT.*.SUCCESS.*.LOGIN", OK_KEY, True),
+        ("KK.EVENT.CLIENT.*.SUCCESS.*", OK_KEY, False),  # one word short
+        ("#", OK_KEY, True),
+        ("#.LOGIN", OK_KEY, True),
+        ("KK.#.web.#", OK_KEY, True),
+        ("KK.#.mobile.#", OK_KEY, False),
+        ("KK.EVENT.#", "KK.EVENT", True),  # '#' matches zero words
+        ("KK.EVENT.*", "KK.EVENT", False),  # '*' needs exactly one
+        (OK_KEY, OK_KEY, True),
+    ],
+)
+def test_topic_matching_follows_amqp(binding_key: str, routing_key: str, matches: bool) -> None:
+    assert topic_matches(binding_key, routing_key) is matches
+
+
+def test_a_message_from_a_binding_no_longer_configured_is_ignored() -> None:
+    # Given sessiond configured for one realm, while the queue still has an older binding
+    decoder = KeycloakDecoder(binding_keys=bindings("KK.EVENT.CLIENT.myrealm.#"))
+    # When a login of another realm arrives through the leftover binding
+    other = decoder(encode(message()), NOW, "KK.EVENT.CLIENT.other.SUCCESS.web.LOGIN")
+    # Then it starts nothing and is counted, while the configured realm's login is decoded
+    assert other is None and decoder.counts["unbound"] == 1
+    assert decoder(encode(message()), NOW, OK_KEY) is not None
