@@ -55,7 +55,7 @@ async def test_rabbitmq_restarted_mid_stream(
     clean: Settings, spawn: Callable[..., Process], servers_back: stack.StackConfig
 ) -> None:
     # Given a worker consuming the first three quarters of a stream
-    stream = Stream("rmq", users=400)
+    stream = Stream("rmq", users=2000)
     first, second = stream.split(0.75)
     worker = spawn(*WORKER_ARGS, env=WORKER_ENV)
     publish(clean, first)
@@ -63,6 +63,7 @@ async def test_rabbitmq_restarted_mid_stream(
     # When RabbitMQ stops (messages in flight, unacknowledged) and starts again
     stack.stop(servers_back, "rabbitmq")
     stopped_with = await applied(clean, stream)
+    assert stopped_with < len(first), "the first part ended before the stop; make it longer"
     stack.start(servers_back, "rabbitmq")
     recovered = time.monotonic()
     # And the auth service publishes the rest once the broker is back
@@ -108,12 +109,15 @@ async def test_redis_restarted_mid_stream(
     clean: Settings, spawn: Callable[..., Process], servers_back: stack.StackConfig
 ) -> None:
     stream = Stream("redis", users=300)
+    first, second = stream.split(0.5)
     worker = spawn(*WORKER_ARGS, env=WORKER_ENV)
-    publish(clean, stream.events)
+    publish(clean, first)
     await wait_applied(clean, stream, at_least=150, timeout=40)
-    # When Redis stops for 3 s and comes back empty (no persistence: a restart is a flush too)
+    # When Redis stops for 3 s while events keep coming, and comes back empty (no persistence:
+    # a restart is a flush too)
     stack.stop(servers_back, "redis")
     stopped_with = await applied(clean, stream)
+    publish(clean, second)
     time.sleep(3)
     stack.start(servers_back, "redis")
     recovered = time.monotonic()
