@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -21,7 +21,7 @@ from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE
 from sessiond.config import Settings, get_settings
 from storage import db as db_mod
-from storage import expiry, flush
+from storage import expiry, flush, retention
 from storage.activity import AccessLog, ActivityBuffer
 from storage.cache import Cache, connect
 
@@ -47,17 +47,22 @@ async def flush_job(cache: Cache, *, lock_wait_s: float = 0.0) -> dict[str, Any]
 async def sweep_job(
     settings: Settings, cache: Cache, *, now: datetime | None = None, dry_run: bool = False
 ) -> dict[str, Any]:
+    now = now or datetime.now(UTC)
     result = await expiry.sweep(
         cache,
         ActivityBuffer(cache.client),
         access_log=AccessLog(cache.client),
-        now=now or datetime.now(UTC),
+        now=now,
         idle_timeout_s=settings.idle_timeout_s,
         batch_size=settings.expiry_batch_size,
         dry_run=dry_run,
         session_max_s=settings.session_max_s or None,
     )
-    return result.to_dict()
+    done = result.to_dict()
+    if settings.dedup_retention_s and not dry_run:
+        before = now - timedelta(seconds=settings.dedup_retention_s)
+        done["dedup_purged"] = await retention.purge_processed(before=before)
+    return done
 
 
 def _log_result(job: str, result: dict[str, Any], busy: Callable[[dict[str, Any]], bool]) -> None:
@@ -79,7 +84,12 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
         _log_result(
             EXPIRE,
             result,
-            lambda r: bool(r["expired"] or r["skipped"] or r["lifetime_sessions_ended"]),
+            lambda r: bool(
+                r["expired"]
+                or r["skipped"]
+                or r["lifetime_sessions_ended"]
+                or r.get("dedup_purged")
+            ),
         )
 
     def register(fn: Any, name: str, *, max_age_s: float, time_limit_s: int) -> Any:

@@ -46,6 +46,8 @@ class Settings(BaseSettings):
     retry_min_backoff_ms: int = Field(default=500, ge=1)
     retry_max_backoff_ms: int = Field(default=60_000, ge=1)
     retry_max_age_s: int = Field(default=3600, ge=1)
+    # How long the de-duplication ledger remembers an event (``storage.retention``); 0 = forever.
+    dedup_retention_s: int = Field(default=7 * 86_400, ge=0)
     keycloak_exchange: str | None = None
     keycloak_routing_keys: str = "KK.EVENT.CLIENT.#"
     keycloak_queue: str = "sessiond.keycloak"
