@@ -59,9 +59,12 @@ async def sweep_job(
         session_max_s=settings.session_max_s or None,
     )
     done = result.to_dict()
-    if settings.dedup_retention_s and not dry_run:
-        before = now - timedelta(seconds=settings.dedup_retention_s)
-        done["dedup_purged"] = await retention.purge_processed(before=before)
+    for table, keep_s, name in (
+        ("processed_events", settings.dedup_retention_s, "dedup_purged"),
+        ("audit_events", settings.audit_retention_s, "audit_purged"),
+    ):
+        if keep_s and not dry_run:
+            done[name] = await retention.purge(table, before=now - timedelta(seconds=keep_s))
     return done
 
 
@@ -89,6 +92,7 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
                 or r["skipped"]
                 or r["lifetime_sessions_ended"]
                 or r.get("dedup_purged")
+                or r.get("audit_purged")
             ),
         )
 

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     retry_max_age_s: int = Field(default=3600, ge=1)
     # How long the de-duplication ledger remembers an event (``storage.retention``); 0 = forever.
     dedup_retention_s: int = Field(default=7 * 86_400, ge=0)
+    # How long audit rows are kept (``storage.retention``); 0 = forever, the default.
+    audit_retention_s: int = Field(default=0, ge=0)
     keycloak_exchange: str | None = None
     keycloak_routing_keys: str = "KK.EVENT.CLIENT.#"
     keycloak_queue: str = "sessiond.keycloak"
