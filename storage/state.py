@@ -314,7 +314,8 @@ class UnitOfWork:
         """Derives the user's status from their sessions and bumps the version when anything
         changed; a user going from connected to disconnected emits ``user.disconnected``."""
         user = self.users[user_id]
-        status = CONNECTED if self.open_sessions(user_id) else DISCONNECTED
+        is_open = any(s.status == CONNECTED for s in self.sessions[user_id].values())
+        status = CONNECTED if is_open else DISCONNECTED
         if status != user["status"]:
             changed = True
             if status == CONNECTED:
