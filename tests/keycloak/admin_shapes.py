@@ -21,6 +21,7 @@ Shapes taken from the sources, not invented:
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 ADMIN_CLASS = "com.github.aznamier.keycloak.event.provider.EventAdminNotificationMqMsg"
@@ -36,11 +37,12 @@ def admin_message(
     *,
     representation: Any = None,
     error: str | None = None,
-    time_ms: int = TIME_MS,
+    time_ms: int | None = None,
 ) -> dict[str, Any]:
+    """``time_ms`` defaults to now: an admin event older than the login it should end is stale."""
     body: dict[str, Any] = {
         "@class": ADMIN_CLASS,
-        "time": time_ms,
+        "time": int(time.time() * 1000) if time_ms is None else time_ms,
         "realmId": REALM_ID,
         "authDetails": {
             "realmId": "c0ffee00-0000-4000-8000-master000001",

@@ -25,6 +25,7 @@ DEFAULT_KEYS = bindings("KK.EVENT.CLIENT.#,KK.EVENT.ADMIN.#")
 
 def decode(pair: tuple[str, dict[str, Any]], decoder: KeycloakDecoder | None = None) -> Any:
     key, body = pair
+    body["time"] = kc.TIME_MS
     return (decoder or KeycloakDecoder(binding_keys=DEFAULT_KEYS))(kc.encode(body), NOW, key)
 
 
