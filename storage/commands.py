@@ -17,7 +17,7 @@ from sessiond.config import get_settings
 from sessiond.events import Event
 from storage import journal
 from storage.cache import Cache
-from storage.rows import Limits, Outcome, touched
+from storage.rows import Limits, Outcome, batch_order, touched
 from storage.unit_of_work import unit_of_work
 
 
@@ -51,19 +51,11 @@ async def apply_events(events: Sequence[Event], *, limits: Limits | None = None)
     batch. A failure rolls the whole batch back: retrying it is safe, every event being
     idempotent."""
     limits = limits or Limits.from_settings(get_settings())
-    order = sorted(range(len(events)), key=lambda i: events[i].user_id)
-    outcomes: list[Outcome | None] = [None] * len(events)
+    order = batch_order(events)
     async with unit_of_work() as work:
         await work.load([ev.user_id for ev in events], touched(events))
         fresh = await work.first_seen([events[i] for i in order])
-        for i, first in zip(order, fresh, strict=True):
-            outcomes[i] = work.apply(events[i], first, limits)
-        last = {events[i].user_id: i for i in order}
-        for user_id, i in last.items():
-            outcome = outcomes[i]
-            assert outcome is not None
-            outcome.snapshot = work.snapshot(user_id)
-    return [o for o in outcomes if o is not None]
+        return work.apply_batch(events, order, fresh, limits)
 
 
 async def force_disconnect(

@@ -85,3 +85,8 @@ def touched(events: Sequence[Event]) -> list[tuple[str, str]]:
     pairs = {(ev.user_id, ev.session_id or IMPLICIT) for ev in events}
     pairs |= {(ev.user_id, IMPLICIT) for ev in events if ev.kind == "disconnected"}
     return sorted(pairs)
+
+
+def batch_order(events: Sequence[Event]) -> list[int]:
+    """The order a batch is applied in: by user, each user's events in arrival order."""
+    return sorted(range(len(events)), key=lambda i: events[i].user_id)

@@ -277,6 +277,20 @@ class State:
         self.settle(ev.user_id, ev.occurred_at, out.applied, reason=ended_by)
         return out
 
+    def apply_batch(
+        self, events: Sequence[Event], order: Sequence[int], fresh: Sequence[bool], limits: Limits
+    ) -> list[Outcome]:
+        """A batch in ``order`` (``rows.batch_order``), ``fresh`` as the ledger answered in that
+        order. The outcomes come back in the events' order; the last outcome of each user
+        carries the snapshot to cache, the state after the whole batch."""
+        outcomes: dict[int, Outcome] = {}
+        for i, first in zip(order, fresh, strict=True):
+            outcomes[i] = self.apply(events[i], first, limits)
+        last = {events[i].user_id: i for i in order}
+        for user_id, i in last.items():
+            outcomes[i].snapshot = self.snapshot(user_id)
+        return [outcomes[i] for i in range(len(events))]
+
     # -- decisions that are not events: an admin, the clock
 
     def force_disconnect(self, user_id: str, *, at: datetime, reason: str, source: str) -> Outcome:
