@@ -242,7 +242,7 @@ async def test_a_legacy_queue_is_drained_in_order_before_the_new_one(
             probe.queue_declare(legacy, passive=True)
             return False
         except pika.exceptions.ChannelClosedByBroker as exc:
-            return exc.reply_code == 404
+            return bool(exc.reply_code == 404)
 
     wait_until(legacy_gone, timeout=60, interval=0.3)
     final = await statuses(pg, "legacy-")
