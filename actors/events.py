@@ -75,8 +75,9 @@ def _dead_letter(
     reason: str,
     detail: str,
 ) -> None:
-    """The original body, with the exchange and routing key it was published with, so that
-    ``sessiond dlq replay`` sends it back through the same decoder."""
+    """The original body, with the exchange and routing key it was published with and the
+    stamps the ingress gave it, so that ``sessiond dlq replay`` sends it back through the same
+    decoder at the same time."""
     props = deadletter.properties(
         reason=reason,
         detail=detail,
@@ -84,6 +85,8 @@ def _dead_letter(
         exchange=str(item.get("exchange") or runtime.settings.events_exchange),
         routing_key=str(item.get("routing_key") or "replay"),
         attempts=int(message.options.get("retries", 0)) + 1 if message else 1,
+        received_at=str(item.get("received_at") or "") or None,
+        stamped_at=str(item.get("stamped_at") or "") or None,
     )
     channel = broker.channel  # type: ignore[attr-defined]
     channel.queue_declare(runtime.settings.dead_letter_queue, durable=True)

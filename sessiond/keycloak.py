@@ -19,7 +19,8 @@ Mapping:
 - anything malformed → ``InvalidEvent`` with a stable reason (dead-lettered).
 
 Events carry ``source="keycloak"``, so their de-duplication keys live in their own namespace: the
-plugin's ``id`` (Keycloak 22+) when present, else a hash of kind, user, session and time.
+plugin's ``id`` (Keycloak 22+) with the user when present, else a hash of kind, user, session
+and time.
 """
 
 from __future__ import annotations
@@ -89,7 +90,11 @@ def _time(value: Any, received_at: datetime) -> datetime:
         return received_at
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidEvent("invalid_occurred_at", "time must be epoch milliseconds")
-    return parse_time(value / 1000, received_at=received_at)
+    try:
+        seconds = value / 1000  # an integer too large for a float overflows here
+    except OverflowError as exc:
+        raise InvalidEvent("invalid_occurred_at", str(exc)[:200]) from None
+    return parse_time(seconds, received_at=received_at)
 
 
 class KeycloakDecoder:
