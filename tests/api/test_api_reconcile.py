@@ -83,7 +83,7 @@ async def test_one_process_per_period_takes_the_turn(api: Api) -> None:
     for user in ("42", "43"):
         await api.event("connected", user)
     metrics = api.app.ctx.metrics
-    first, *others = [Reconciler(api.cache, metrics, period_s=30, window_s=10) for _ in range(3)]
+    first, *others = [Reconciler(api.cache, metrics, period_s=30) for _ in range(3)]
     await lost_write("disconnected", "42")
     await api.cache.client.delete(LOCK_KEY)
 
