@@ -109,11 +109,16 @@ async def test_sid_without_sub_finds_the_owner(
 async def test_sub_alone_ends_every_session_of_the_user(
     bc_api: Api, rsa_key: rsa.RSAPrivateKey, pg: asyncpg.Connection
 ) -> None:
+    old = mint("u1", iat=int(time.time()) - 120)
     assert_ok(await send(bc_api, logout_token(rsa_key, sid=None)))
     assert await check(bc_api, "u1", "s1") == 403
     assert await check(bc_api, "u1", "s2") == 403
     assert await pg.fetchval("SELECT status FROM users WHERE id = 'u1'") == "disconnected"
-    assert await pg.fetchval("SELECT logged_out_at IS NOT NULL FROM users WHERE id = 'u1'")
+    # And the fence is set: after a new login, the old token stays refused
+    await bc_api.event("connected", "u1", session_id="s3")
+    reply = await bc_api.get("/auth/check", token=old)
+    assert (reply.status, reply.json()["reason"]) == (401, "revoked")
+    assert await check(bc_api, "u1", "s3") == 200
 
 
 async def test_a_session_nobody_holds_is_a_successful_no_op(
