@@ -48,6 +48,8 @@ class UserSnapshot:
     connected_at: datetime | None = None
     seen_at: datetime | None = None
     last_activity_at: datetime | None = None
+    # The user's newest "logged out everywhere": tokens issued before it are revoked (the fence).
+    logged_out_at: datetime | None = None
 
     @property
     def connected(self) -> bool:
@@ -69,13 +71,14 @@ class UserSnapshot:
             "connected_at": iso(self.connected_at),
             "seen_at": iso(self.seen_at),
             "last_activity_at": iso(self.last_activity_at),
+            "logged_out_at": iso(self.logged_out_at),
         }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> UserSnapshot:
         data: dict[str, Any] = json.loads(raw)
-        for key in ("connected_at", "seen_at", "last_activity_at"):
+        for key in ("connected_at", "seen_at", "last_activity_at", "logged_out_at"):
             if data.get(key):
                 data[key] = datetime.fromisoformat(data[key])
         started = data.get("session_started") or {}  # absent in entries cached by 0.1.0
