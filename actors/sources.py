@@ -52,7 +52,11 @@ def keycloak_source(settings: Settings) -> Source:
     if not exchange:
         raise ValueError("SESSIOND_KEYCLOAK_EXCHANGE is not set")
     keys = keycloak.bindings(settings.keycloak_routing_keys)
-    decoder = keycloak.KeycloakDecoder(max_bytes=settings.max_event_bytes, binding_keys=keys)
+    decoder = keycloak.KeycloakDecoder(
+        max_bytes=settings.max_event_bytes,
+        binding_keys=keys,
+        activity_types=settings.keycloak_activity_types,
+    )
 
     def declare(ch: Any) -> None:
         # ``amq.*`` exchanges exist in every vhost and may not be declared by clients.
