@@ -18,8 +18,9 @@ from actors import deadletter
 from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE, actor_name
 from sessiond.events import Event, partition_queue
-from storage import db, revocation, state
+from storage import block, db, revocation, state
 from storage.activity import ActivityBuffer
+from storage.cache import Cache
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,9 @@ async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Ou
     """One transaction for the batch, then the users' final snapshots to Redis, concurrently.
 
     Revocations that name no user are expanded first (``storage.revocation``); activity events
-    (Keycloak token refreshes) only touch the activity buffer, like a granted request."""
+    (Keycloak token refreshes) only touch the activity buffer, like a granted request; blocks
+    and unblocks (Keycloak delete/disable/enable) are applied one by one, in arrival order
+    between the runs of ordinary events around them."""
     cache = runtime.require_cache()
     expanded = await revocation.expand(events)
     touches = [ev for ev in expanded if ev.kind == "activity"]
@@ -48,11 +51,41 @@ async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Ou
     changes = [ev for ev in expanded if ev.kind != "activity"]
     chunk = len(changes) if len(changes) == len(events) else EXPANDED_CHUNK
     outcomes: list[state.Outcome] = []
-    for start in range(0, len(changes), max(chunk, 1)):
-        done = await state.apply_events(changes[start : start + chunk])
-        await cache.sync_many([o.snapshot for o in done if o.snapshot])
-        outcomes += done
+    run: list[Event] = []
+
+    async def flush_run() -> None:
+        for start in range(0, len(run), max(chunk, 1)):
+            done = await state.apply_events(run[start : start + chunk])
+            await cache.sync_many([o.snapshot for o in done if o.snapshot])
+            for outcome in done:  # a login refused_blocked: the Redis mirror heals if lost
+                if outcome.snapshot is not None and outcome.snapshot.blocked:
+                    await block.mirror(cache.client, outcome)
+            outcomes.extend(done)
+        run.clear()
+
+    for ev in changes:
+        if ev.kind in ("blocked", "unblocked"):
+            await flush_run()
+            outcomes.append(await _apply_block(cache, ev))
+        else:
+            run.append(ev)
+    await flush_run()
     return outcomes
+
+
+async def _apply_block(cache: Cache, ev: Event) -> state.Outcome:
+    if ev.kind == "blocked":
+        outcome = await block.block_user(
+            ev.user_id, reason=ev.reason or block.BLOCKED, source=ev.source,
+            at=ev.occurred_at, event=ev,
+        )  # fmt: skip
+    else:
+        outcome = await block.unblock_user(
+            ev.user_id, source=ev.source, only_reason=ev.reason, at=ev.occurred_at, event=ev
+        )
+    await state.publish_snapshot(cache, outcome)
+    await block.mirror(cache.client, outcome)
+    return outcome
 
 
 def _budget_spent(runtime: Runtime, message: Any) -> str | None:

@@ -23,8 +23,12 @@ class User(Model):
     last_activity_at = fields.DatetimeField(null=True)
     # Newest sign of life (connect or request): the idle sweep is a range scan on it.
     seen_at = fields.DatetimeField(null=True)
-    # Newest "logged out everywhere" time: fences connects that happened before it.
+    # Newest "logged out everywhere" time: fences connects that happened before it, and tokens
+    # issued before it (the token fence, CONTRACT §8).
     logged_out_at = fields.DatetimeField(null=True)
+    # Set while the user is blocked (admin route, Keycloak disable/delete): logins are refused.
+    blocked_at = fields.DatetimeField(null=True)
+    blocked_reason = fields.CharField(max_length=32, null=True)
     # Bumped on every state change; the Redis cache refuses to go back to an older version.
     version = fields.BigIntField(default=0)
     created_at = fields.DatetimeField(auto_now_add=True)
@@ -57,6 +61,8 @@ class Session(Model):
     last_event_at = fields.DatetimeField()
     ip_address = fields.CharField(max_length=64, null=True)
     source = fields.CharField(max_length=32, default="auth")
+    # Newest sign of life of this session (its start, its granted requests): per-session idle.
+    last_seen_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "sessions"
@@ -67,6 +73,9 @@ class Session(Model):
             ),
             # ``DELETE /admin/sessions/<session_id>`` without ``user_id`` finds the owner by id.
             Index(fields=("session_id",), name="sessions_session_id_idx"),
+            PartialIndex(
+                fields=("last_seen_at",), condition={"status": CONNECTED}, name="sessions_idle_idx"
+            ),
         )
 
 

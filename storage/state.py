@@ -172,6 +172,7 @@ def _to_snapshot(
         seen_at=user["seen_at"],
         last_activity_at=user["last_activity_at"],
         logged_out_at=user["logged_out_at"],
+        blocked=user.get("blocked_at") is not None,
     )
 
 
@@ -337,6 +338,9 @@ class UnitOfWork:
         user = self.users[ev.user_id]
         sid = ev.session_id or IMPLICIT
         at = ev.occurred_at
+        if user.get("blocked_at") is not None:  # storage.block: no login while blocked
+            out.reason = "refused_blocked"
+            return False
         if user["logged_out_at"] is not None and at <= user["logged_out_at"]:
             out.reason = "stale"
             return False
