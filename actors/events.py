@@ -20,7 +20,6 @@ from actors.topology import JOBS_QUEUE, actor_name
 from sessiond.events import Event, partition_queue
 from storage import block, db, revocation, state
 from storage.activity import ActivityBuffer
-from storage.cache import Cache
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +36,10 @@ EXPANDED_CHUNK = 1000
 async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Outcome]:
     """One transaction for the batch, then the users' final snapshots to Redis, concurrently.
 
-    Revocations that name no user are expanded first (``storage.revocation``); activity events
-    (Keycloak token refreshes) only touch the activity buffer, like a granted request; blocks
-    and unblocks (Keycloak delete/disable/enable) are applied one by one, in arrival order
-    between the runs of ordinary events around them."""
+    Revocations that name no user are expanded first (``storage.revocation``; a Keycloak
+    ``logout-all`` may name thousands, applied ``EXPANDED_CHUNK`` users per transaction);
+    activity events (Keycloak token refreshes) only touch the activity buffer, like a granted
+    request; the ``blocked:<id>`` mirror follows the users a block or unblock touched."""
     cache = runtime.require_cache()
     expanded = await revocation.expand(events)
     touches = [ev for ev in expanded if ev.kind == "activity"]
@@ -49,43 +48,18 @@ async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Ou
         for ev in touches:
             await buffer.touch(ev.user_id, ev.occurred_at.timestamp())
     changes = [ev for ev in expanded if ev.kind != "activity"]
-    chunk = len(changes) if len(changes) == len(events) else EXPANDED_CHUNK
+    blocks = {ev.user_id for ev in changes if ev.kind in ("blocked", "unblocked")}
+    chunk = max(len(changes) if len(changes) == len(events) else EXPANDED_CHUNK, 1)
     outcomes: list[state.Outcome] = []
-    run: list[Event] = []
-
-    async def flush_run() -> None:
-        for start in range(0, len(run), max(chunk, 1)):
-            done = await state.apply_events(run[start : start + chunk])
-            await cache.sync_many([o.snapshot for o in done if o.snapshot])
-            for outcome in done:  # a login refused_blocked: the Redis mirror heals if lost
-                if outcome.snapshot is not None and outcome.snapshot.blocked:
-                    await block.mirror(cache.client, outcome)
-            outcomes.extend(done)
-        run.clear()
-
-    for ev in changes:
-        if ev.kind in ("blocked", "unblocked"):
-            await flush_run()
-            outcomes.append(await _apply_block(cache, ev))
-        else:
-            run.append(ev)
-    await flush_run()
+    for start in range(0, len(changes), chunk):
+        done = await state.apply_events(changes[start : start + chunk])
+        await cache.sync_many([o.snapshot for o in done if o.snapshot])
+        for outcome in done:  # also heals a lost mirror when a blocked user's login is refused
+            snap = outcome.snapshot
+            if snap is not None and (snap.blocked or outcome.user_id in blocks):
+                await block.mirror(cache.client, outcome)
+        outcomes += done
     return outcomes
-
-
-async def _apply_block(cache: Cache, ev: Event) -> state.Outcome:
-    if ev.kind == "blocked":
-        outcome = await block.block_user(
-            ev.user_id, reason=ev.reason or block.BLOCKED, source=ev.source,
-            at=ev.occurred_at, event=ev,
-        )  # fmt: skip
-    else:
-        outcome = await block.unblock_user(
-            ev.user_id, source=ev.source, only_reason=ev.reason, at=ev.occurred_at, event=ev
-        )
-    await state.publish_snapshot(cache, outcome)
-    await block.mirror(cache.client, outcome)
-    return outcome
 
 
 def _budget_spent(runtime: Runtime, message: Any) -> str | None:
@@ -108,8 +82,9 @@ def _dead_letter(
     reason: str,
     detail: str,
 ) -> None:
-    """The original body, with the exchange and routing key it was published with, so that
-    ``sessiond dlq replay`` sends it back through the same decoder."""
+    """The original body, with the exchange and routing key it was published with and the
+    stamps the ingress gave it, so that ``sessiond dlq replay`` sends it back through the same
+    decoder at the same time."""
     props = deadletter.properties(
         reason=reason,
         detail=detail,
@@ -117,6 +92,8 @@ def _dead_letter(
         exchange=str(item.get("exchange") or runtime.settings.events_exchange),
         routing_key=str(item.get("routing_key") or "replay"),
         attempts=int(message.options.get("retries", 0)) + 1 if message else 1,
+        received_at=str(item.get("received_at") or "") or None,
+        stamped_at=str(item.get("stamped_at") or "") or None,
     )
     channel = broker.channel  # type: ignore[attr-defined]
     channel.queue_declare(runtime.settings.dead_letter_queue, durable=True)

@@ -61,8 +61,6 @@ class Session(Model):
     last_event_at = fields.DatetimeField()
     ip_address = fields.CharField(max_length=64, null=True)
     source = fields.CharField(max_length=32, default="auth")
-    # Newest sign of life of this session (its start, its granted requests): per-session idle.
-    last_seen_at = fields.DatetimeField(null=True)
 
     class Meta:
         table = "sessions"
@@ -73,9 +71,6 @@ class Session(Model):
             ),
             # ``DELETE /admin/sessions/<session_id>`` without ``user_id`` finds the owner by id.
             Index(fields=("session_id",), name="sessions_session_id_idx"),
-            PartialIndex(
-                fields=("last_seen_at",), condition={"status": CONNECTED}, name="sessions_idle_idx"
-            ),
         )
 
 
