@@ -38,6 +38,7 @@ from api.recorder import Recorder
 from api.tokens import Principal, TokenError, TokenValidator, predates_fence
 from sessiond.errors import DependencyUnavailable, SessiondError
 from storage.activity import ActivityBuffer
+from storage.block import is_blocked
 from storage.cache import Cache, UserSnapshot, user_key
 from storage.state import load_snapshot
 
@@ -204,6 +205,15 @@ class AccessControl:
             self._redis_failed(exc)
             return False
 
+    async def _not_connected(self, user_id: str) -> str:
+        """Why a user Redis knows as gone is refused: ``blocked`` (``storage.block`` mirrors the
+        block there) or ``not_connected``; refused either way, so Redis failing is no error."""
+        try:
+            return "blocked" if await is_blocked(self.redis, user_id) else "not_connected"
+        except REDIS_UNAVAILABLE as exc:
+            self._redis_failed(exc)
+            return "not_connected"
+
     async def authenticate(self, header: str | None, route: str) -> Principal:
         """The token alone (admin routes); a refusal is counted and journaled."""
         try:
@@ -245,7 +255,7 @@ class AccessControl:
         else:
             if usable and await self._gone(user_id):
                 self._cache_hits.inc("gone")
-                raise self.refuse(principal, route, "not_connected")
+                raise self.refuse(principal, route, await self._not_connected(user_id))
             self._cache_hits.inc("miss" if usable else "bypass")
             snapshot = await self._load(user_id, refill_cache=usable)
             if snapshot is None:
@@ -253,7 +263,9 @@ class AccessControl:
             parsed = self._parse(snapshot.to_json().encode())
         user, last = parsed
         if user.get("status") != CONNECTED:
-            raise self.refuse(principal, route, "not_connected")
+            raise self.refuse(
+                principal, route, "blocked" if user.get("blocked") else "not_connected"
+            )
         # After the status: a disconnected user is 403 not_connected whatever the cache path.
         if predates_fence(principal.claims, user.get(_FENCE), self.tokens.leeway):
             self._decisions.inc(route, INVALID_TOKEN, "revoked")

@@ -50,6 +50,8 @@ class UserSnapshot:
     last_activity_at: datetime | None = None
     # The user's newest "logged out everywhere": tokens issued before it are revoked (the fence).
     logged_out_at: datetime | None = None
+    # Blocked (``storage.block``): the API answers 403 ``blocked`` instead of ``not_connected``.
+    blocked: bool = False
 
     @property
     def connected(self) -> bool:
@@ -72,6 +74,7 @@ class UserSnapshot:
             "seen_at": iso(self.seen_at),
             "last_activity_at": iso(self.last_activity_at),
             "logged_out_at": iso(self.logged_out_at),
+            "blocked": self.blocked,
         }
         return json.dumps(data, separators=(",", ":"))
 

@@ -78,6 +78,7 @@ def to_snapshot(
         seen_at=user["seen_at"],
         last_activity_at=user["last_activity_at"],
         logged_out_at=user["logged_out_at"],
+        blocked=user.get("blocked_at") is not None,
     )
 
 
