@@ -74,7 +74,9 @@ class Http:
             head = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
             if token is not None:
                 head.append(f"Authorization: Bearer {token}")
-            head += ["Content-Length: 0", "Connection: close", "", ""]
+            if method != "GET":
+                head.append("Content-Length: 0")
+            head += ["Connection: close", "", ""]
             writer.write("\r\n".join(head).encode())
             await writer.drain()
             raw = await reader.read()
