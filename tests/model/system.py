@@ -36,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "sessiond_model"
 USER = stack.USER
 STATS_INTERVAL_S = 5.0
+# Queues that hold events on their way (ingest, Keycloak, partitions and their retry queues) or
+# events that failed (``.XQ``, the dead-letter queue).
+EVENT_QUEUES = ("sessiond.ingest", "sessiond.keycloak", "sessiond.events.p", "sessiond.dead-letter")
 REDIS_DB = 13
 JWT_SECRET = "model-checker-secret-long-enough-for-hs256"  # local stack only
 IDLE_TIMEOUT_S = 10
@@ -185,11 +188,11 @@ class System:
         pending = dead = 0
         for q in queues:
             name, count = str(q.get("name")), int(q.get("messages") or 0)
-            if name.startswith("sessiond.jobs"):
-                continue  # periodic jobs: a tick that failed is skipped, the next one comes
+            if not name.startswith(EVENT_QUEUES) or name.endswith(".stamp"):
+                continue  # periodic jobs (a failed tick is skipped), the ingress' stamp queue
             if name.endswith(".XQ") or name == "sessiond.dead-letter":
                 dead += count
-            elif name.startswith("sessiond."):
+            else:
                 pending += count
         return pending, dead
 
