@@ -35,9 +35,10 @@ from tortoise.exceptions import DBConnectionError
 from api.cachetrust import REDIS_UNAVAILABLE, RedisTrust, refill
 from api.metrics import Metrics
 from api.recorder import Recorder
-from api.tokens import Principal, TokenError, TokenValidator
+from api.tokens import Principal, TokenError, TokenValidator, predates_fence
 from sessiond.errors import DependencyUnavailable, SessiondError
 from storage.activity import ActivityBuffer
+from storage.block import is_blocked
 from storage.cache import Cache, UserSnapshot, user_key
 from storage.state import load_snapshot
 
@@ -52,6 +53,7 @@ INVALID_TOKEN: Final = "invalid_token"  # noqa: S105 (a decision name)
 CONNECTED: Final = "connected"
 _TIME_FIELDS: Final = ("seen_at", "last_activity_at", "connected_at")
 _STARTED: Final = "_session_started_epoch"  # parsed once per cached entry, never sent out
+_FENCE: Final = "_logged_out_epoch"
 
 DB_CONNECTION_ERRORS: Final = (
     asyncpg.PostgresConnectionError,
@@ -203,6 +205,15 @@ class AccessControl:
             self._redis_failed(exc)
             return False
 
+    async def _not_connected(self, user_id: str) -> str:
+        """Why a user Redis knows as gone is refused: ``blocked`` (``storage.block`` mirrors the
+        block there) or ``not_connected``; refused either way, so Redis failing is no error."""
+        try:
+            return "blocked" if await is_blocked(self.redis, user_id) else "not_connected"
+        except REDIS_UNAVAILABLE as exc:
+            self._redis_failed(exc)
+            return "not_connected"
+
     async def authenticate(self, header: str | None, route: str) -> Principal:
         """The token alone (admin routes); a refusal is counted and journaled."""
         try:
@@ -244,7 +255,7 @@ class AccessControl:
         else:
             if usable and await self._gone(user_id):
                 self._cache_hits.inc("gone")
-                raise self.refuse(principal, route, "not_connected")
+                raise self.refuse(principal, route, await self._not_connected(user_id))
             self._cache_hits.inc("miss" if usable else "bypass")
             snapshot = await self._load(user_id, refill_cache=usable)
             if snapshot is None:
@@ -252,7 +263,15 @@ class AccessControl:
             parsed = self._parse(snapshot.to_json().encode())
         user, last = parsed
         if user.get("status") != CONNECTED:
-            raise self.refuse(principal, route, "not_connected")
+            raise self.refuse(
+                principal, route, "blocked" if user.get("blocked") else "not_connected"
+            )
+        # After the status: a disconnected user is 403 not_connected whatever the cache path.
+        if predates_fence(principal.claims, user.get(_FENCE), self.tokens.leeway):
+            self._decisions.inc(route, INVALID_TOKEN, "revoked")
+            self.recorder.record(self.clock(), user_id, principal.session_id, INVALID_TOKEN,
+                                 "revoked", route)  # fmt: skip
+            raise TokenError("revoked")
         sid = principal.session_id
         if sid is not None and sid not in user.get("sessions", ()):
             raise self.refuse(principal, route, "session_ended")
@@ -298,6 +317,7 @@ class AccessControl:
         times = [t for t in (_epoch(user.get(name)) for name in _TIME_FIELDS) if t is not None]
         started = ((sid, _epoch(at)) for sid, at in (user.get("session_started") or {}).items())
         user[_STARTED] = {sid: t for sid, t in started if t is not None}
+        user[_FENCE] = _epoch(user.get("logged_out_at"))
         parsed = (user, max(times) if times else None)
         if len(self._parsed) >= 10_000:
             self._parsed.clear()

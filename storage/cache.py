@@ -48,6 +48,10 @@ class UserSnapshot:
     connected_at: datetime | None = None
     seen_at: datetime | None = None
     last_activity_at: datetime | None = None
+    # The user's newest "logged out everywhere": tokens issued before it are revoked (the fence).
+    logged_out_at: datetime | None = None
+    # Blocked (``storage.block``): the API answers 403 ``blocked`` instead of ``not_connected``.
+    blocked: bool = False
 
     @property
     def connected(self) -> bool:
@@ -69,13 +73,15 @@ class UserSnapshot:
             "connected_at": iso(self.connected_at),
             "seen_at": iso(self.seen_at),
             "last_activity_at": iso(self.last_activity_at),
+            "logged_out_at": iso(self.logged_out_at),
+            "blocked": self.blocked,
         }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> UserSnapshot:
         data: dict[str, Any] = json.loads(raw)
-        for key in ("connected_at", "seen_at", "last_activity_at"):
+        for key in ("connected_at", "seen_at", "last_activity_at", "logged_out_at"):
             if data.get(key):
                 data[key] = datetime.fromisoformat(data[key])
         started = data.get("session_started") or {}  # absent in entries cached by 0.1.0
