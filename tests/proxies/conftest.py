@@ -250,3 +250,11 @@ async def proxy(
             yield url
         finally:
             await asyncio.to_thread(stack.pop_all().close)
+
+
+FORGED_ENVOY = {
+    "x-user-id": "ceo",
+    "x-user-email": "ceo@corp.example",
+    "x-session-id": "ceo-laptop",
+}
+"""Identity headers a client made up, as Envoy passes them on (keys lower-cased)."""
