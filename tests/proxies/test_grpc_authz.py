@@ -109,13 +109,14 @@ async def test_same_decisions_as_http(grpc_api: Api, envoy: Envoy) -> None:
         (mint("nobody"), "not_connected"),
     ]:
         assert (await assert_same(api, envoy, token)).json()["reason"] == reason
-    for token, reason in [
+    invalid: list[tuple[str | None, str]] = [
         (None, "missing"),
         ("garbage", "malformed"),
         (mint("1", ttl=-120), "expired"),
         (mint("1", key=OTHER_KEY), "bad_signature"),
-    ]:
-        assert (await assert_same(api, envoy, token)).json()["reason"] == reason
+    ]
+    for bad, reason in invalid:
+        assert (await assert_same(api, envoy, bad)).json()["reason"] == reason
     # And a client's forged identity headers are overwritten, never appended to
     assert ok_headers(await envoy.check(mint("2")))["x-user-id"] == "2"
 

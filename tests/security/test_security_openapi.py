@@ -66,4 +66,10 @@ def test_no_server_error(served: str) -> None:
             assert authed.status_code < 500, (case.method, case.formatted_path, authed.text[:300])
 
         no_5xx()
-    assert {"GET /auth/check", "GET /api/me", "GET /admin/users/{user_id}"} <= set(seen), seen
+    expected = {
+        "GET /auth/check",
+        "GET /api/me",
+        "GET /admin/users/{user_id}",
+        "POST /oauth2/introspect",
+    }
+    assert expected <= set(seen), seen
