@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import harness
-from loadtests.bench import say, token, wrk
+from loadtests.bench.tools import say, token, wrk
 
 TARGET_RATIO = 0.7
 GRPC_PATH = "/envoy.service.auth.v3.Authorization/Check"

@@ -1,5 +1,9 @@
 """Append-only rows of a transaction, written once at its end instead of once per change.
 
+The one writer of ``audit_events`` and ``outbox`` rows: every lifecycle change (the unit of work
+of ``storage.state``, the sweep of ``storage.expiry``), every dead letter and every batch of access
+decisions (``storage.flush``) goes through the statements below.
+
 Audit entries, outbox events and the users' final rows are what every applied event adds; a unit
 of work (``state.unit_of_work``) collects them here and writes them with one set-based statement
 each just before the commit, in the order they were produced. Same transaction, same rows, a few
@@ -54,6 +58,21 @@ USER_COLUMNS = (
     "logged_out_at",
     "version",
 )
+
+
+ACCESS_KIND = "access"
+ACCESS_SOURCE = "api"
+
+
+async def write_access(
+    db: BaseDBAsyncClient,
+    rows: Sequence[tuple[datetime | None, str | None, str | None, str | None, str]],
+) -> None:
+    """Journals access decisions, each ``(occurred_at, user_id, session_id, reason, detail)``
+    with ``detail`` already JSON-encoded (``storage.flush.access_row``)."""
+    if rows:
+        audit = [(at, u, s, ACCESS_KIND, r, ACCESS_SOURCE, d) for at, u, s, r, d in rows]
+        await db.execute_query(_AUDIT, [list(col) for col in zip(*audit, strict=True)])
 
 
 @dataclass(slots=True)
