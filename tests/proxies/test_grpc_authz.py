@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -207,3 +208,19 @@ async def test_every_sanic_worker_serves_grpc_on_one_port(
     # And a graceful stop closes it with the HTTP port
     assert proc.stop() == 0, proc.output()[-3000:]
     assert grpc_listeners(grpc_port) == 0
+
+
+async def test_revocation_reasons_match_http(grpc_api: Api, envoy: Envoy) -> None:
+    api = grpc_api
+    # Given a user logged out everywhere, then back: tokens issued before are fenced (401)
+    await api.event("connected", "8", session_id="a")
+    old = mint("8", sid="b", iat=int(time.time()) - 600)
+    await api.event("disconnected", "8")
+    await api.event("connected", "8", session_id="b")
+    reply = await assert_same(api, envoy, old)
+    assert (reply.status, reply.json()["reason"]) == (401, "revoked")
+    # And a blocked user: 403 blocked on both
+    admin = mint("root", roles=["admin"])
+    assert (await api.post("/admin/users/8/block", token=admin)).status == 200
+    reply = await assert_same(api, envoy, mint("8", sid="b"))
+    assert (reply.status, reply.json()["reason"]) == (403, "blocked")

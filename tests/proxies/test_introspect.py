@@ -162,3 +162,17 @@ async def test_without_configured_clients_basic_is_refused(api: Api) -> None:
     assert reply.status == 401
     reply = await introspect(mint("x"), f"Bearer {mint('svc', roles=['introspect'])}")
     assert reply.json() == {"active": False}
+
+
+async def test_fenced_token_is_inactive_after_a_new_login(
+    introspect_api: Api, introspect: Any
+) -> None:
+    api = introspect_api
+    await api.event("connected", "46", session_id="a")
+    old = mint("46", iat=int(time.time()) - 600)
+    assert (await introspect(old)).json()["active"] is True
+    # When the user logs out everywhere and back in, the token issued before stays inactive
+    await api.event("disconnected", "46")
+    await api.event("connected", "46", session_id="b")
+    assert (await introspect(old)).json() == {"active": False}
+    assert (await introspect(mint("46"))).json()["active"] is True
