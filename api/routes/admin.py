@@ -20,13 +20,7 @@ from sanic_ext import openapi
 from api.context import Req
 from storage import block
 from storage.db import conn
-from storage.state import (
-    Outcome,
-    find_session_owners,
-    force_disconnect,
-    publish_snapshot,
-    revoke_session,
-)
+from storage.state import Outcome, find_session_owners, force_disconnect, revoke_session
 
 bp = Blueprint("admin", url_prefix="/admin")
 ROUTE: Final = "/admin"
@@ -124,7 +118,7 @@ async def disconnect(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
     await _load_user(_id(user_id, "user_id"))
     outcome = await force_disconnect(user_id, reason="admin", source="admin")
-    await publish_snapshot(request.app.ctx.cache, outcome)
+    await request.app.ctx.reconciler.publish(outcome)
     snapshot = outcome.snapshot
     return json(
         {
@@ -155,7 +149,7 @@ async def revoke(request: Req, session_id: str) -> HTTPResponse:
     elif user_id not in await find_session_owners(session_id):
         raise NotFound("no such session")
     outcome = await revoke_session(user_id, session_id, reason="admin", source="admin")
-    await publish_snapshot(request.app.ctx.cache, outcome)
+    await request.app.ctx.reconciler.publish(outcome)
     snapshot = outcome.snapshot
     return json(
         {
@@ -187,7 +181,7 @@ async def block_route(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
     _id(user_id, "user_id")
     outcome = await block.block_user(user_id, source="admin")
-    await publish_snapshot(request.app.ctx.cache, outcome)
+    await request.app.ctx.reconciler.publish(outcome)
     await block.mirror(request.app.ctx.redis, outcome)
     return _block_answer(user_id, outcome)
 
@@ -199,6 +193,6 @@ async def unblock_route(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
     await _load_user(_id(user_id, "user_id"))
     outcome = await block.unblock_user(user_id, source="admin")
-    await publish_snapshot(request.app.ctx.cache, outcome)
+    await request.app.ctx.reconciler.publish(outcome)
     await block.mirror(request.app.ctx.redis, outcome)
     return _block_answer(user_id, outcome)

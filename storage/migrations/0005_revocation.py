@@ -5,7 +5,7 @@ from tortoise import fields
 class Migration(migrations.Migration):
     """Revocation sources (CONTRACT §8): a user's block (``storage.blocking``)."""
 
-    dependencies = [('models', '0003_users_updated')]
+    dependencies = [('models', '0004_reconcile')]
 
     initial = False
 
