@@ -34,7 +34,7 @@ from sessiond.errors import DependencyUnavailable
 from sessiond.logs import setup_logging
 from storage import cache as cache_mod
 from storage import db
-from storage.activity import ActivityBuffer
+from storage.activity import AccessLog, ActivityBuffer
 
 NAME: Final = "sessiond"
 
@@ -121,7 +121,14 @@ async def _open(app: App) -> None:
     ctx.redis = cache_mod.connect(settings)
     ctx.cache = cache_mod.Cache(ctx.redis, ttl_s=settings.cache_ttl_s)
     ctx.activity = ActivityBuffer(ctx.redis)
-    ctx.recorder = Recorder(ctx.redis, ctx.activity)
+    ctx.recorder = Recorder(
+        ctx.redis,
+        ctx.activity,
+        access_log=AccessLog.configured(ctx.redis, settings),
+        overflow=ctx.metrics.overflow,
+        max_backlog=settings.api_buffer_max_entries,
+        max_bytes=settings.api_buffer_max_bytes,
+    )
     ctx.access = AccessControl(
         tokens=ctx.tokens,
         cache=ctx.cache,

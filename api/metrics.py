@@ -153,8 +153,23 @@ class Metrics:
             "Cached users evicted by the reconciler because their entry was older than the row.",
         )
 
+        self.overflow = Counter(
+            "sessiond_access_log_overflow_total",
+            "Access decisions counted instead of stored because a buffer was at its cap: api (this"
+            " process, while Redis is down) or redis (the audit:access list, while PostgreSQL is"
+            " down). Each count is journaled as an access_log_overflow audit entry.",
+            ("buffer",),
+        )
+
     def families(self) -> tuple[Counter | Histogram, ...]:
-        return (self.decisions, self.latency, self.cache, self.errors, self.reconciled)
+        return (
+            self.decisions,
+            self.latency,
+            self.cache,
+            self.errors,
+            self.reconciled,
+            self.overflow,
+        )
 
     def snapshot(self) -> dict[str, list[list[Any]]]:
         """Every family's values as JSON-able ``[labels, value or bucket row]`` pairs."""

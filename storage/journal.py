@@ -103,3 +103,10 @@ class Journal:
         self.users.clear()
         self.audit.clear()
         self.outbox.clear()
+
+
+async def write_audit(db: BaseDBAsyncClient, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Audit rows outside a unit of work (the access journal's flush), with the same statement:
+    ``(occurred_at, user_id, session_id, kind, reason, source, detail JSON)`` each."""
+    if rows:
+        await db.execute_query(_AUDIT, [list(col) for col in zip(*rows, strict=True)])
