@@ -35,6 +35,7 @@ from sessiond.logs import setup_logging
 from storage import cache as cache_mod
 from storage import db
 from storage.activity import AccessLog, ActivityBuffer
+from storage.redis_policy import check_memory_policy
 
 NAME: Final = "sessiond"
 
@@ -119,6 +120,8 @@ async def _open(app: App) -> None:
     settings = ctx.settings
     await db.open_db(settings)
     ctx.redis = cache_mod.connect(settings)
+    if settings.redis_policy_check:
+        await check_memory_policy(ctx.redis)
     ctx.cache = cache_mod.Cache(ctx.redis, ttl_s=settings.cache_ttl_s)
     ctx.activity = ActivityBuffer(ctx.redis)
     ctx.recorder = Recorder(
