@@ -101,3 +101,53 @@ async def test_an_operator_sets_the_retention_and_a_day_created_late_takes_its_r
     await sweep_job(keep, cache, now=late + timedelta(days=500))
     kept = set((await retention.audit_partitions("lifecycle")).values())
     assert f"audit_events_lifecycle_p{(late + timedelta(days=11)):%Y%m%d}" in kept
+
+
+async def test_the_migration_keeps_the_rows_of_the_unpartitioned_table(settings: Settings) -> None:
+    # Given a database of its own at migration 0003 (audit_events not partitioned), with rows
+    from tortoise.migrations.api.migrate import migrate
+
+    from storage import db as db_mod
+
+    base, _, _ = settings.database_url.rpartition("/")
+    admin = await asyncpg.connect(settings.database_url)
+    try:
+        await admin.execute("DROP DATABASE IF EXISTS sessiond_test_mig0006")
+        await admin.execute("CREATE DATABASE sessiond_test_mig0006")
+    finally:
+        await admin.close()
+    own = settings.model_copy(update={"database_url": f"{base}/sessiond_test_mig0006"})
+    config = db_mod.tortoise_config(own)
+    await migrate(config=config, target="models.0003_users_updated")
+    await db_mod.close_db()
+    pg = await asyncpg.connect(own.database_url)
+    try:
+        await pg.execute(
+            "INSERT INTO audit_events (at, kind, source, user_id) VALUES"
+            " (now() - interval '3 days', 'connected', 'auth', 'u1'),"
+            " (now() - interval '40 days', 'access', 'api', 'u2'), (now(), 'access', 'api', 'u3')"
+        )
+        before = await pg.fetch("SELECT * FROM audit_events ORDER BY id")
+
+        # When 0006 runs
+        await db_mod.migrate(own)
+
+        # Then the same rows are there, each in its class's partition of its own day
+        after = await pg.fetch(
+            "SELECT *, tableoid::regclass::text AS part FROM audit_events ORDER BY id"
+        )
+        assert [dict(r) | {"part": None} for r in after] == [
+            dict(r) | {"part": None} for r in before
+        ]
+        assert [r["part"] for r in after] == [
+            f"audit_events_lifecycle_p{before[0]['at']:%Y%m%d}",
+            f"audit_events_access_p{before[1]['at']:%Y%m%d}",
+            f"audit_events_access_p{before[2]['at']:%Y%m%d}",
+        ]
+        # and new rows continue the id sequence
+        new_id = await pg.fetchval(
+            "INSERT INTO audit_events (kind, source) VALUES ('expired', 'sweep') RETURNING id"
+        )
+        assert new_id == 4
+    finally:
+        await pg.close()
