@@ -35,7 +35,7 @@ import jwt
 import redis
 
 from loadtests import harness, soak_report
-from loadtests.bench import Publisher, event, token
+from loadtests.bench.tools import Publisher, event, token
 from loadtests.soak_client import run_load
 from sessiond import stack
 from storage.activity import ACCESS_LOG_KEY

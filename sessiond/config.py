@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"  # noqa: S105 - refused in production
+MIN_HMAC_SECRET_BYTES = 32
 
 
 class Settings(BaseSettings):
@@ -37,7 +38,9 @@ class Settings(BaseSettings):
 
     # Events in (CONTRACT §1, §7).
     events_exchange: str = "auth.events"
-    ingest_queue: str = "sessiond.ingest"
+    # Versioned: a single active consumer cannot be added to an existing queue; sessiond drains
+    # the unversioned queue of older releases into these (``actors.topology``).
+    ingest_queue: str = "sessiond.ingest.v2"
     dead_letter_queue: str = "sessiond.dead-letter"
     partitions: int = Field(default=8, ge=1, le=1024)
     max_event_bytes: int = 64 * 1024
@@ -54,8 +57,12 @@ class Settings(BaseSettings):
     audit_lifecycle_retention_days: int = Field(default=400, ge=0)
     audit_partitions_ahead_days: int = Field(default=7, ge=1, le=366)
     keycloak_exchange: str | None = None
-    keycloak_routing_keys: str = "KK.EVENT.CLIENT.#"
-    keycloak_queue: str = "sessiond.keycloak"
+    # Client events and (CONTRACT §8) admin events: revocations by a Keycloak administrator.
+    keycloak_routing_keys: str = "KK.EVENT.CLIENT.#,KK.EVENT.ADMIN.#"
+    keycloak_queue: str = "sessiond.keycloak.v2"
+    # Keycloak client event types counted as activity of their session (comma-separated; only
+    # ``REFRESH_TOKEN`` and ``CODE_TO_TOKEN`` are allowed). Empty: off.
+    keycloak_activity_events: str = ""
     events_out_exchange: str = "sessiond.events"
     # Lifecycle events out (CONTRACT §7): the outbox relay in every worker process.
     outbox_relay: bool = True
@@ -95,6 +102,10 @@ class Settings(BaseSettings):
     access_log_page: int = Field(default=5_000, ge=1, le=100_000)
     # Start-up check of Redis ``maxmemory-policy`` (``storage.cache.check_memory_policy``).
     redis_policy_check: bool = True
+    # OIDC Back-Channel Logout (CONTRACT §8): accepted ``aud`` values (comma-separated; unset =
+    # the route is off, 404) and the issuer (default: ``SESSIOND_JWT_ISSUER``).
+    backchannel_audience: str | None = None
+    backchannel_issuer: str | None = None
 
     # API process.
     api_host: str = "127.0.0.1"
@@ -118,19 +129,50 @@ class Settings(BaseSettings):
             raise ValueError("SESSIOND_DATABASE_URL must start with postgres://")
         return value
 
+    @field_validator("keycloak_activity_events")
+    @classmethod
+    def _activity_types(cls, value: str) -> str:
+        allowed = {"REFRESH_TOKEN", "CODE_TO_TOKEN"}
+        unknown = {t.strip() for t in value.split(",") if t.strip()} - allowed
+        if unknown:
+            raise ValueError(f"SESSIOND_KEYCLOAK_ACTIVITY_EVENTS: not one of {sorted(allowed)}")
+        return value
+
     @model_validator(mode="after")
-    def _no_placeholder_secret_in_production(self) -> Settings:
-        if (
-            self.env == "production"
-            and self.jwt_secret == PLACEHOLDER_SECRET
-            and not (self.jwks_url or self.jwks_file)
-        ):
-            raise ValueError("set SESSIOND_JWT_SECRET (or a JWKS) in production")
+    def _no_weak_hmac_secret_outside_development(self) -> Settings:
+        """Whoever knows an HMAC secret can mint any token, admin ones included: outside
+        development, accepting any ``HS*`` algorithm needs a real secret of at least 32 bytes
+        (RFC 7518 §3.2: at least the hash's size), whatever else is configured (a JWKS beside it
+        does not make the placeholder any less public)."""
+        if self.env == "development":
+            return self
+        hmac = [a for a in self.algorithms if a.upper().startswith("HS")]
+        if not hmac:
+            return self
+        if self.jwt_secret == PLACEHOLDER_SECRET:
+            raise ValueError(
+                f"SESSIOND_JWT_SECRET is the public placeholder while SESSIOND_JWT_ALGORITHMS "
+                f"accepts {','.join(hmac)} (SESSIOND_ENV={self.env}): set a secret of at least "
+                f"{MIN_HMAC_SECRET_BYTES} bytes, or drop HS* from SESSIOND_JWT_ALGORITHMS"
+            )
+        if len(self.jwt_secret.encode("utf-8")) < MIN_HMAC_SECRET_BYTES:
+            raise ValueError(
+                f"SESSIOND_JWT_SECRET is shorter than {MIN_HMAC_SECRET_BYTES} bytes while "
+                f"SESSIOND_JWT_ALGORITHMS accepts {','.join(hmac)} (SESSIOND_ENV={self.env})"
+            )
         return self
 
     @property
     def amqp_is_tls(self) -> bool:
         return urlsplit(self.amqp_url).scheme == "amqps"
+
+    @property
+    def keycloak_activity_types(self) -> list[str]:
+        return [t.strip() for t in self.keycloak_activity_events.split(",") if t.strip()]
+
+    @property
+    def backchannel_audiences(self) -> list[str]:
+        return [a.strip() for a in (self.backchannel_audience or "").split(",") if a.strip()]
 
     @property
     def algorithms(self) -> list[str]:

@@ -1,5 +1,9 @@
 """Append-only rows of a transaction, written once at its end instead of once per change.
 
+The one writer of ``audit_events`` and ``outbox`` rows: every lifecycle change (the unit of work
+of ``storage.state``, the sweep of ``storage.expiry``), every dead letter and every batch of access
+decisions (``storage.flush``) goes through the statements below.
+
 Audit entries, outbox events and the users' final rows are what every applied event adds; a unit
 of work (``state.unit_of_work``) collects them here and writes them with one set-based statement
 each just before the commit, in the order they were produced. Same transaction, same rows, a few
@@ -56,6 +60,19 @@ USER_COLUMNS = (
 )
 
 
+ACCESS_KIND = "access"
+ACCESS_SOURCE = "api"
+
+
+async def write_access(
+    db: BaseDBAsyncClient,
+    rows: Sequence[tuple[datetime | None, str | None, str | None, str | None, str]],
+) -> None:
+    """Journals access decisions, each ``(occurred_at, user_id, session_id, reason, detail)``
+    with ``detail`` already JSON-encoded (``storage.flush.access_row``)."""
+    await write_audit(db, [(at, u, s, ACCESS_KIND, r, ACCESS_SOURCE, d) for at, u, s, r, d in rows])
+
+
 @dataclass(slots=True)
 class Journal:
     audit: list[tuple[Any, ...]] = field(default_factory=list)
@@ -106,7 +123,8 @@ class Journal:
 
 
 async def write_audit(db: BaseDBAsyncClient, rows: Sequence[tuple[Any, ...]]) -> None:
-    """Audit rows outside a unit of work (the access journal's flush), with the same statement:
-    ``(occurred_at, user_id, session_id, kind, reason, source, detail JSON)`` each."""
+    """Audit rows outside a unit of work (the access journal's flush: decisions, refused-token
+    counts, overflow counts), with the same statement: ``(occurred_at, user_id, session_id,
+    kind, reason, source, detail JSON)`` each."""
     if rows:
         await db.execute_query(_AUDIT, [list(col) for col in zip(*rows, strict=True)])

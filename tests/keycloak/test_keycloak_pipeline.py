@@ -26,7 +26,7 @@ from tests.outbox.support import EventsOut
 pytestmark = pytest.mark.integration
 
 EXCHANGE = "amq.topic"
-QUEUE = "sessiond.keycloak"
+QUEUE = Settings.model_fields["keycloak_queue"].default
 TIME_MS = 1_772_366_400_123  # 2026-03-01T12:00:00.123Z
 
 
