@@ -152,6 +152,11 @@ class Metrics:
             "sessiond_cache_reconciled_total",
             "Cached users evicted by the reconciler because their entry was older than the row.",
         )
+        self.backchannel = Counter(
+            "sessiond_backchannel_logout_total",
+            "OIDC back-channel logout requests by result: ok, or why the token was refused.",
+            ("result",),
+        )
 
         self.overflow = Counter(
             "sessiond_access_log_overflow_total",
@@ -163,13 +168,9 @@ class Metrics:
 
     def families(self) -> tuple[Counter | Histogram, ...]:
         return (
-            self.decisions,
-            self.latency,
-            self.cache,
-            self.errors,
-            self.reconciled,
-            self.overflow,
-        )
+            self.decisions, self.latency, self.cache, self.errors, self.reconciled,
+            self.backchannel, self.overflow,
+        )  # fmt: skip
 
     def snapshot(self) -> dict[str, list[list[Any]]]:
         """Every family's values as JSON-able ``[labels, value or bucket row]`` pairs."""

@@ -97,7 +97,7 @@ SWAP = [
 
 
 class Migration(migrations.Migration):
-    dependencies = [("models", "0003_users_updated")]
+    dependencies = [("models", "0005_revocation")]
 
     initial = False
 

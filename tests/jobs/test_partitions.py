@@ -104,7 +104,7 @@ async def test_an_operator_sets_the_retention_and_a_day_created_late_takes_its_r
 
 
 async def test_the_migration_keeps_the_rows_of_the_unpartitioned_table(settings: Settings) -> None:
-    # Given a database of its own at migration 0003 (audit_events not partitioned), with rows
+    # Given a database of its own at migration 0005 (audit_events not partitioned), with rows
     from tortoise.migrations.api.migrate import migrate
 
     from storage import db as db_mod
@@ -118,7 +118,7 @@ async def test_the_migration_keeps_the_rows_of_the_unpartitioned_table(settings:
         await admin.close()
     own = settings.model_copy(update={"database_url": f"{base}/sessiond_test_mig0006"})
     config = db_mod.tortoise_config(own)
-    await migrate(config=config, target="models.0003_users_updated")
+    await migrate(config=config, target="models.0005_revocation")
     await db_mod.close_db()
     pg = await asyncpg.connect(own.database_url)
     try:
