@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     # Where the API's Sanic workers share their metrics; unset: a fresh temporary directory per
     # start of the main process (set it to put that directory on a volume of your choice).
     metrics_dir: str | None = None
+    # Envoy ext_authz over gRPC and grpc.health.v1 in every API process (CONTRACT §9); unset: off.
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    # RFC 7662 introspection callers, "id:secret,id2:secret2" (CONTRACT §9); unset: Basic is off.
+    introspection_clients: str | None = None
 
     @field_validator("amqp_url")
     @classmethod
@@ -173,6 +177,25 @@ class Settings(BaseSettings):
     @property
     def backchannel_audiences(self) -> list[str]:
         return [a.strip() for a in (self.backchannel_audience or "").split(",") if a.strip()]
+
+    @property
+    def introspection_credentials(self) -> dict[str, str]:
+        """``SESSIOND_INTROSPECTION_CLIENTS`` as ``{client_id: secret}``."""
+        clients: dict[str, str] = {}
+        for item in (self.introspection_clients or "").split(","):
+            client_id, _, secret = item.strip().partition(":")
+            if client_id:
+                clients[client_id] = secret
+        return clients
+
+    @field_validator("introspection_clients")
+    @classmethod
+    def _clients_form(cls, value: str | None) -> str | None:
+        for item in (value or "").split(","):
+            client_id, sep, secret = item.strip().partition(":")
+            if item.strip() and not (client_id and sep and secret):
+                raise ValueError("SESSIOND_INTROSPECTION_CLIENTS must be comma-separated id:secret")
+        return value
 
     @property
     def algorithms(self) -> list[str]:
