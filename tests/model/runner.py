@@ -33,7 +33,7 @@ from tests.model.system import EXPIRY_PERIOD_S, IDLE_TIMEOUT_S, JWT_SECRET, ROOT
 log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 2.5  # well under the idle timeout
-POST_DUE_ROUNDS = 3
+POST_DUE_ROUNDS = 2
 ADMIN_RETRY_S = 90.0
 
 

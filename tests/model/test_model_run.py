@@ -17,7 +17,7 @@ from tests.conftest import ROOT
 pytestmark = [pytest.mark.model, pytest.mark.integration, pytest.mark.slow]
 
 FIXED_SEED = 20261201
-MINUTES = 0.25  # new histories start for 15 s; with set-up, tails and the final check, ~1 min
+MINUTES = 0.15  # new histories start for 9 s; with set-up, tails and the final check, ~1 min
 
 
 def run_checker(seed: int) -> subprocess.CompletedProcess[str]:
