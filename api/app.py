@@ -142,8 +142,9 @@ async def _open(app: App) -> None:
         ctx.cache,
         ctx.metrics,
         period_s=settings.cache_reconcile_s,
-        window_s=settings.cache_reconcile_window_s,
+        on_unavailable=ctx.access.trust.failed,
     )
+    ctx.access.trust.catch_up = ctx.reconciler.catch_up
     ctx.reconciler.start()
 
 

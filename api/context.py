@@ -9,6 +9,7 @@ from sanic import Request, Sanic
 from sanic.config import Config
 
 from api.access import AccessControl, Clock
+from api.logout_token import LogoutTokenValidator
 from api.metrics import Metrics, SharedMetrics
 from api.reconciler import Reconciler
 from api.recorder import Recorder
@@ -37,6 +38,9 @@ class AppContext:
         self.tokens = tokens
         self.metrics = metrics
         self.shared_metrics: SharedMetrics | None = None
+        # OIDC back-channel logout (``api.routes.backchannel``): the bearer tokens' JWKS.
+        self.logout_tokens = LogoutTokenValidator(settings, tokens.keys, now=clock)
+        self.logout_tokens.check_configuration()
 
 
 App = Sanic[Config, AppContext]

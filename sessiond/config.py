@@ -70,9 +70,9 @@ class Settings(BaseSettings):
     # Timing (CONTRACT §3).
     idle_timeout_s: int = Field(default=1800, ge=1)
     cache_ttl_s: int = Field(default=3600, ge=1)
-    # The API's cache reconciler (``storage.reconcile``): period (0 = off) and look-back window.
+    # The API's cache reconciler (``storage.reconcile``): period of its turns (0 = off; the API
+    # still catches up before trusting a Redis that failed).
     cache_reconcile_s: float = Field(default=2.0, ge=0)
-    cache_reconcile_window_s: float = Field(default=10.0, gt=0)
     activity_flush_s: float = Field(default=5.0, gt=0)
     expiry_period_s: float = Field(default=60.0, gt=0)
     expiry_batch_size: int = Field(default=5000, ge=1)

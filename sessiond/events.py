@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from sessiond.errors import InvalidEvent
 
-EventKind = Literal["connected", "disconnected", "activity"]
-# What the auth service may publish (CONTRACT §1); ``activity`` comes from Keycloak only.
+EventKind = Literal["connected", "disconnected", "activity", "blocked", "unblocked"]
+# What the auth service may publish (CONTRACT §1); the others come from Keycloak only
+# (``activity``: a token refresh; ``blocked``/``unblocked``: a user deleted, disabled, enabled).
 KINDS: tuple[EventKind, ...] = ("connected", "disconnected")
 Lookup = Literal["session", "realm"]
 """How a revocation names its target when the source does not know the user: ``session`` (the

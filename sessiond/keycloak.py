@@ -13,6 +13,11 @@ Mapping:
 - ``LOGIN`` → ``connected`` of session ``sessionId`` of user ``userId`` at ``time`` (epoch ms),
   with ``ipAddress`` and ``details.username`` (as the name) / ``details.email`` when present;
 - ``LOGOUT`` → ``disconnected`` of that session;
+- ``USER_SESSION_DELETED`` (Keycloak 26.5+: Keycloak removed the session, e.g. expired) →
+  ``disconnected`` of that session, reason ``idp_expired`` (CONTRACT §8);
+- ``REFRESH_TOKEN`` / ``CODE_TO_TOKEN`` when listed in ``SESSIOND_KEYCLOAK_ACTIVITY_EVENTS`` →
+  ``activity`` of the user;
+- admin events (``KK.EVENT.ADMIN.…``, ``EventAdminNotificationMqMsg``): ``sessiond.keycloak_admin``;
 - any other type (``CODE_TO_TOKEN``, ``REFRESH_TOKEN``, ``LOGIN_ERROR``...) and any failure (an
   ``error`` field, or ``.ERROR.`` in the routing key) → ``None``: acknowledged, counted, ignored.
   A failure never starts (nor ends) a session;

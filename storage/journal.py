@@ -40,10 +40,13 @@ ORDER BY t.n
 _USERS = """
 UPDATE users u SET status = t.status, name = t.name, email = t.email,
     connected_at = t.connected_at, disconnected_at = t.disconnected_at, seen_at = t.seen_at,
-    logged_out_at = t.logged_out_at, version = t.version, updated_at = now()
+    logged_out_at = t.logged_out_at, version = t.version, blocked_at = t.blocked_at,
+    blocked_reason = t.blocked_reason, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-            $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bigint[])
-     AS t(id, status, name, email, connected_at, disconnected_at, seen_at, logged_out_at, version)
+            $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bigint[],
+            $10::timestamptz[], $11::text[])
+     AS t(id, status, name, email, connected_at, disconnected_at, seen_at, logged_out_at, version,
+          blocked_at, blocked_reason)
 WHERE u.id = t.id
 """
 
@@ -57,6 +60,8 @@ USER_COLUMNS = (
     "seen_at",
     "logged_out_at",
     "version",
+    "blocked_at",  # storage.rules: State.block / unblock
+    "blocked_reason",
 )
 
 
@@ -114,7 +119,7 @@ class Journal:
     async def flush(self, db: BaseDBAsyncClient) -> None:
         if self.users:
             rows = list(self.users.values())
-            await db.execute_query(_USERS, [[r[c] for r in rows] for c in USER_COLUMNS])
+            await db.execute_query(_USERS, [[r.get(c) for r in rows] for c in USER_COLUMNS])
         if self.audit:
             await db.execute_query(_AUDIT, [list(col) for col in zip(*self.audit, strict=True)])
         if self.outbox:

@@ -77,6 +77,8 @@ def to_snapshot(
         connected_at=user["connected_at"],
         seen_at=user["seen_at"],
         last_activity_at=user["last_activity_at"],
+        logged_out_at=user["logged_out_at"],
+        blocked=user.get("blocked_at") is not None,
     )
 
 

@@ -30,7 +30,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sessiond.events import Event
-from storage import outbox
+from storage import blocking, outbox
 from storage.cache import UserSnapshot
 from storage.journal import Journal
 from storage.models import CONNECTED, DISCONNECTED, ENDED
@@ -164,6 +164,9 @@ class State:
         user = self.users[ev.user_id]
         sid = ev.session_id or IMPLICIT
         at = ev.occurred_at
+        if user.get("blocked_at") is not None:  # no login while blocked (``block``)
+            out.reason = "refused_blocked"
+            return False
         if user["logged_out_at"] is not None and at <= user["logged_out_at"]:
             out.reason = "stale"
             return False
@@ -265,8 +268,12 @@ class State:
             out.reason = "duplicate"
         elif ev.kind == "connected":
             out.applied = self.connect(ev, out, limits)
-        else:
+        elif ev.kind == "disconnected":
             out.applied = self.disconnect(ev, out)
+        elif ev.kind in ("blocked", "unblocked"):
+            return blocking.apply(self, ev, out)  # settles the user itself
+        else:  # activity never reaches the rules (actors.events touches the buffer)
+            out.reason = f"unsupported_{ev.kind}"
         if not out.applied and out.reason:
             self.journal.record_audit(
                 kind="ignored",

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from sessiond.events import Event
-from storage.rows import IMPLICIT
+from storage.rows import IMPLICIT, Limits
 from tests.unit.memory import Memory
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -104,7 +104,7 @@ def session_events(memory: Memory) -> dict[Key, list[str]]:
     return out
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(deliveries())
 def test_any_order_duplication_replay_and_batching_ends_as_the_model(
     delivery: tuple[list[Event], list[list[Event]], set[int]],
@@ -135,6 +135,27 @@ def test_any_order_duplication_replay_and_batching_ends_as_the_model(
         kinds = announced.get(key, [])
         assert kinds == [("session.started", "session.ended")[i % 2] for i in range(len(kinds))]
         assert (len(kinds) % 2 == 1) == (key in expected), (key, kinds)
+
+
+@settings(max_examples=200, deadline=None)
+@given(deliveries(), st.integers(1, 2))
+def test_a_session_limit_only_ever_ends_sessions(
+    delivery: tuple[list[Event], list[list[Event]], set[int]], limit: int
+) -> None:
+    # Given a history delivered in any order, with a limit on open sessions per user
+    events, batches, _ = delivery
+    memory = Memory()
+
+    # When it is applied
+    for batch in batches:
+        memory.apply_events(batch, limits=Limits(max_sessions_per_user=limit))
+
+    # Then no user holds more than the limit, and no session is open that the model ends
+    # (which ones stay open depends on arrival order: the newest arrival wins)
+    opened = memory.open_sessions()
+    assert opened <= reference(events)
+    assert all(sum(u == user for u, _ in opened) <= limit for user in USERS)
+    assert memory.connected_users() == {u for u, _ in opened}
 
 
 def test_the_model_itself_on_known_histories() -> None:
@@ -236,4 +257,4 @@ class LiveHistory(RuleBasedStateMachine):
 
 
 TestLiveHistory = LiveHistory.TestCase
-TestLiveHistory.settings = settings(max_examples=200, stateful_step_count=30, deadline=None)
+TestLiveHistory.settings = settings(max_examples=150, stateful_step_count=30, deadline=None)
