@@ -17,8 +17,9 @@ never opens anything, so if that state refuses, every allowed state refuses. On 
 idle timeout must not have passed since the newest possible sign of life (an applied connect, a
 granted request). A 200 outside that is a violation, the one this checker exists for.
 
-During outages the answers must be 403 or 503: a 401 for a well-formed token or any other 5xx
-is a violation as well. At the end, after quiescence, PostgreSQL must hold exactly the model's
+During outages the answers must be 403 or 503: a 401 for a well-formed token (but ``revoked``,
+the token fence of CONTRACT §8: a token issued before a logout everywhere) or any other 5xx is a
+violation as well. At the end, after quiescence, PostgreSQL must hold exactly the model's
 sessions ("never a lost event"); the only excuse is a session the idle sweep ended (reason
 ``idle_timeout``) for a user that was, by the recorded history, possibly silent for the idle
 timeout.
@@ -207,6 +208,8 @@ class Checker:
     def check_request(self, r: Request) -> Violation | None:
         if r.status is None or r.status in (403, 503):
             return None
+        if r.status == 401 and r.reason == "revoked":
+            return None  # the token fence (CONTRACT §8): a refusal, never a grant
         if r.status == 200:
             if any(self.may_grant(r, x) for x in self.instants(r)):
                 return None

@@ -86,7 +86,6 @@ class Player:
         self.last_wall = 0.0
         self.count = 0
         self.rng = random.Random(f"player/{spec.user}")  # timing jitter only
-        self.tokens = {sid: mint(JWT_SECRET, self.user, sid=sid) for sid in spec.tokens()}
 
     # ------------------------------------------------------------------ events
 
@@ -193,7 +192,10 @@ class Player:
 
     async def probe(self, probe: Probe) -> None:
         invoked = time.monotonic()
-        answer = await self.ctx.http.call("GET", probe.route, self.tokens[probe.session])
+        # A fresh token each time, as a client refreshing its access token: the token fence
+        # (CONTRACT §8) revokes tokens issued before a logout everywhere.
+        token = mint(JWT_SECRET, self.user, sid=probe.session)
+        answer = await self.ctx.http.call("GET", probe.route, token)
         reason = str(answer.body.get("reason") or answer.body.get("error") or "")
         mine = answer.body.get("user_id") == self.user
         if answer.status == 200 and probe.route == "/api/me" and not mine:
