@@ -24,6 +24,7 @@ from tortoise.exceptions import OperationalError
 from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock
 from api.context import App, AppContext
 from api.errors import JsonErrorHandler
+from api.grpc_authz import GrpcServer
 from api.metrics import Metrics, SharedMetrics
 from api.reconciler import Reconciler
 from api.recorder import Recorder
@@ -34,7 +35,8 @@ from sessiond.errors import DependencyUnavailable
 from sessiond.logs import setup_logging
 from storage import cache as cache_mod
 from storage import db
-from storage.activity import ActivityBuffer
+from storage.activity import AccessLog, ActivityBuffer
+from storage.redis_policy import check_memory_policy
 
 NAME: Final = "sessiond"
 
@@ -119,9 +121,18 @@ async def _open(app: App) -> None:
     settings = ctx.settings
     await db.open_db(settings)
     ctx.redis = cache_mod.connect(settings)
+    if settings.redis_policy_check:
+        await check_memory_policy(ctx.redis)
     ctx.cache = cache_mod.Cache(ctx.redis, ttl_s=settings.cache_ttl_s)
     ctx.activity = ActivityBuffer(ctx.redis)
-    ctx.recorder = Recorder(ctx.redis, ctx.activity)
+    ctx.recorder = Recorder(
+        ctx.redis,
+        ctx.activity,
+        access_log=AccessLog.configured(ctx.redis, settings),
+        overflow=ctx.metrics.overflow,
+        max_backlog=settings.api_buffer_max_entries,
+        max_bytes=settings.api_buffer_max_bytes,
+    )
     ctx.access = AccessControl(
         tokens=ctx.tokens,
         cache=ctx.cache,
@@ -146,6 +157,9 @@ async def _open(app: App) -> None:
     )
     ctx.access.trust.catch_up = ctx.reconciler.catch_up
     ctx.reconciler.start()
+    if settings.grpc_port is not None:  # last: its calls need everything above
+        ctx.grpc = GrpcServer(ctx, host=settings.api_host, port=settings.grpc_port)
+        await ctx.grpc.start()
 
 
 def _db_unavailable(request: Request, exception: Exception) -> HTTPResponse:
@@ -164,6 +178,9 @@ def _db_operational(request: Request, exception: Exception) -> HTTPResponse:
 
 async def _close(app: App) -> None:
     ctx = app.ctx
+    if ctx.grpc is not None:  # first: its in-flight calls still need Redis and PostgreSQL
+        await ctx.grpc.stop()
+        ctx.grpc = None
     await ctx.reconciler.stop()
     if ctx.shared_metrics is not None:
         await ctx.shared_metrics.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from sanic import Request, Sanic
@@ -17,6 +18,9 @@ from api.tokens import TokenValidator
 from sessiond.config import Settings
 from storage.activity import ActivityBuffer
 from storage.cache import Cache
+
+if TYPE_CHECKING:
+    from api.grpc_authz import GrpcServer
 
 
 class AppContext:
@@ -38,6 +42,7 @@ class AppContext:
         self.tokens = tokens
         self.metrics = metrics
         self.shared_metrics: SharedMetrics | None = None
+        self.grpc: GrpcServer | None = None
         # OIDC back-channel logout (``api.routes.backchannel``): the bearer tokens' JWKS.
         self.logout_tokens = LogoutTokenValidator(settings, tokens.keys, now=clock)
         self.logout_tokens.check_configuration()

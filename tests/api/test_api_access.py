@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY
+from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY, REFUSED_KEY
 from storage.cache import user_key
 from tests.api.conftest import Api, mint
 
@@ -118,11 +118,17 @@ async def test_grants_record_activity_and_every_decision_is_journaled(api: Api) 
     assert summary == [
         ("12", None, "granted", None),
         ("12", "gone", "forbidden", "session_ended"),
-        (None, None, "invalid_token", "malformed"),
     ]
     for entry in entries:
         assert entry["route"] == "/auth/check"
         assert datetime.fromisoformat(entry["at"]) > datetime.now(UTC) - timedelta(minutes=1)
+    # A refused token is counted per (minute, route, reason, client address), not stored
+    refused = await api.cache.client.hgetall(REFUSED_KEY)
+    assert len(refused) == 1
+    [(field, count)] = refused.items()
+    minute, route, reason, client = json.loads(field)
+    assert (route, reason, client, int(count)) == ("/auth/check", "malformed", "127.0.0.1", 1)
+    assert minute % 60 == 0 and abs(minute - api.clock()) < 120
 
 
 async def test_no_postgres_write_per_request(api: Api) -> None:
@@ -186,3 +192,26 @@ async def test_concurrent_requests_of_many_users_each_get_their_own_answer(api: 
             assert reply.status == 200 and reply.headers["X-User-Email"] == f"{uid}@example.com"
         else:
             assert_forbidden(reply, "not_connected")
+
+
+async def test_identity_headers_are_always_all_three(api: Api) -> None:
+    # Given a user without e-mail, and a token without sid
+    await api.event("connected", "16")
+    reply = await api.get("/auth/check", token=mint("16"))
+    # Then all three headers are there, the unknown ones empty (a proxy copying them always
+    # overwrites the client's own)
+    assert reply.status == 200
+    assert reply.headers.get("X-User-Id") == "16"
+    assert reply.headers.get("X-User-Email") == ""
+    assert reply.headers.get("X-Session-Id") == ""
+
+
+async def test_identity_headers_are_injective(api: Api) -> None:
+    # Given two users whose ids differ only in being percent-encoded already
+    await api.event("connected", "café", session_id="s%1")
+    await api.event("connected", "caf%C3%A9", session_id="s 1")
+    one = await api.get("/auth/check", token=mint("café", sid="s%1"))
+    two = await api.get("/auth/check", token=mint("caf%C3%A9", sid="s 1"))
+    # Then their headers differ, "%" itself encoded
+    assert (one.headers["X-User-Id"], one.headers["X-Session-Id"]) == ("caf%C3%A9", "s%251")
+    assert (two.headers["X-User-Id"], two.headers["X-Session-Id"]) == ("caf%25C3%25A9", "s%201")

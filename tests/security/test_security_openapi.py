@@ -80,4 +80,5 @@ def test_no_server_error(served: str) -> None:
 
         no_5xx()
     expected = {"GET /auth/check", "GET /api/me", "GET /admin/users/{user_id}"}
-    assert expected | {"POST /oidc/backchannel-logout"} <= set(seen), seen
+    expected |= {"POST /oidc/backchannel-logout", "POST /oauth2/introspect"}
+    assert expected <= set(seen), seen
