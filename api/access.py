@@ -28,9 +28,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import asyncpg
 import redis.asyncio as aioredis
-from tortoise.exceptions import DBConnectionError
 
 from api.cachetrust import REDIS_UNAVAILABLE, RedisTrust, refill
 from api.metrics import Metrics
@@ -40,6 +38,7 @@ from sessiond.errors import DependencyUnavailable, SessiondError
 from storage.activity import ActivityBuffer
 from storage.block import blocked_key
 from storage.cache import Cache, UserSnapshot, gone_key, user_key
+from storage.db import DB_CONNECTION_ERRORS
 from storage.state import load_snapshot
 
 log = logging.getLogger(__name__)
@@ -55,13 +54,6 @@ _TIME_FIELDS: Final = ("seen_at", "last_activity_at", "connected_at")
 _STARTED: Final = "_session_started_epoch"  # parsed once per cached entry, never sent out
 _FENCE: Final = "_logged_out_epoch"
 
-DB_CONNECTION_ERRORS: Final = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, admin shutdown
-    DBConnectionError,
-)
-"""What PostgreSQL calls raise, besides ``OSError``, when the server is down or restarting."""
 DB_UNAVAILABLE: Final = (OSError, TimeoutError, *DB_CONNECTION_ERRORS)
 
 

@@ -21,7 +21,7 @@ from sanic_ext import Extend
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 from tortoise.exceptions import OperationalError
 
-from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock
+from api.access import AccessControl, Clock
 from api.context import App, AppContext
 from api.errors import JsonErrorHandler
 from api.grpc_authz import GrpcServer
@@ -86,7 +86,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     app.blueprint(BLUEPRINTS)  # type: ignore[arg-type]
     # PostgreSQL down (any route: admin, the miss path, readiness) is 503 like Redis down, never
     # a 500: asyncpg's connection errors are not OSErrors.
-    for kind in DB_CONNECTION_ERRORS:
+    for kind in db.DB_CONNECTION_ERRORS:
         app.error_handler.add(kind, _db_unavailable)
     app.error_handler.add(OperationalError, _db_operational)
     app.register_listener(_share_metrics, "main_process_start")
@@ -171,7 +171,7 @@ def _db_operational(request: Request, exception: Exception) -> HTTPResponse:
     """Tortoise wraps every driver error in ``OperationalError``: only a lost connection (its
     cause) is 503; a failing statement stays a 500, a bug to see."""
     cause = exception.__cause__
-    if isinstance(cause, (OSError, TimeoutError, *DB_CONNECTION_ERRORS)):
+    if isinstance(cause, (OSError, TimeoutError, *db.DB_CONNECTION_ERRORS)):
         return _db_unavailable(request, exception)
     return request.app.error_handler.default(request, exception)
 

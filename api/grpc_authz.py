@@ -33,8 +33,8 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from api.access import DB_CONNECTION_ERRORS
 from api.decision import UNAVAILABLE, WWW_AUTHENTICATE_BEARER, Decision, decide
+from storage.db import DB_CONNECTION_ERRORS
 
 if TYPE_CHECKING:
     from api.context import AppContext

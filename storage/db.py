@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
+import asyncpg
 from tortoise import Tortoise, connections
 from tortoise import context as tortoise_context
 from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.exceptions import DBConnectionError
 
 from sessiond.config import Settings, get_settings
+
+DB_CONNECTION_ERRORS: Final = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.OperatorInterventionError,  # shutting down, starting up, admin shutdown
+    # A connection lost mid-operation while the server shuts down leaves asyncpg's protocol in a
+    # state it refuses to leave ("cannot switch to state 12"): the model checker saw it as a 500.
+    asyncpg.exceptions.InternalClientError,
+    DBConnectionError,
+)
+"""What PostgreSQL calls raise, besides ``OSError``, when the server is down or restarting: the
+one list the API's outage answers (503, gRPC UNAVAILABLE) are built from."""
 
 APP = "models"
 
