@@ -38,8 +38,8 @@ from api.recorder import Recorder
 from api.tokens import Principal, TokenError, TokenValidator, predates_fence
 from sessiond.errors import DependencyUnavailable, SessiondError
 from storage.activity import ActivityBuffer
-from storage.block import is_blocked
-from storage.cache import Cache, UserSnapshot, user_key
+from storage.block import blocked_key
+from storage.cache import Cache, UserSnapshot, gone_key, user_key
 from storage.state import load_snapshot
 
 log = logging.getLogger(__name__)
@@ -196,23 +196,19 @@ class AccessControl:
             self._redis_failed(exc)
             return False, None
 
-    async def _gone(self, user_id: str) -> bool:
-        """On a miss: the newest change Redis saw disconnected the user, so no database query.
-        Unknown when Redis fails: PostgreSQL decides."""
+    async def _gone(self, user_id: str) -> str | None:
+        """On a miss: the newest change Redis saw disconnected the user, so no database query;
+        the refusal's reason then, ``blocked`` when ``storage.block`` mirrors a block there (the
+        same round trip), else ``not_connected``. ``None``: not gone, or unknown when Redis
+        fails (PostgreSQL decides)."""
         try:
-            return await self.cache.is_gone(user_id)
+            gone, blocked = await self.redis.mget([gone_key(user_id), blocked_key(user_id)])
         except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
-            return False
-
-    async def _not_connected(self, user_id: str) -> str:
-        """Why a user Redis knows as gone is refused: ``blocked`` (``storage.block`` mirrors the
-        block there) or ``not_connected``; refused either way, so Redis failing is no error."""
-        try:
-            return "blocked" if await is_blocked(self.redis, user_id) else "not_connected"
-        except REDIS_UNAVAILABLE as exc:
-            self._redis_failed(exc)
-            return "not_connected"
+            return None
+        if gone is None:
+            return None
+        return "blocked" if blocked is not None else "not_connected"
 
     async def authenticate(self, header: str | None, route: str) -> Principal:
         """The token alone (admin routes); a refusal is counted and journaled."""
@@ -253,9 +249,10 @@ class AccessControl:
             if parsed is None:
                 parsed = self._parse(raw)
         else:
-            if usable and await self._gone(user_id):
+            gone = await self._gone(user_id) if usable else None
+            if gone is not None:
                 self._cache_hits.inc("gone")
-                raise self.refuse(principal, route, await self._not_connected(user_id))
+                raise self.refuse(principal, route, gone)
             self._cache_hits.inc("miss" if usable else "bypass")
             snapshot = await self._load(user_id, refill_cache=usable)
             if snapshot is None:

@@ -32,7 +32,8 @@ from storage.cache import Ahead, Cache, RowState, UserSnapshot
 
 log = logging.getLogger(__name__)
 
-REDIS_UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
+REDIS_ERRORS: Final = (RedisConnectionError, RedisTimeoutError)
+REDIS_UNAVAILABLE: Final = (*REDIS_ERRORS, OSError)
 """What a Redis call raises when the server is down or unreachable (not a bug of ours)."""
 REDIS_PROBE_S: Final = 0.5
 

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 
 from api.background import cancel, every
-from api.cachetrust import REDIS_UNAVAILABLE
+from api.cachetrust import REDIS_ERRORS, REDIS_UNAVAILABLE
 from api.metrics import Metrics
 from storage.cache import Cache
 from storage.reconcile import Reconciled, reconcile, take_turn
@@ -44,13 +44,20 @@ class Reconciler:
             self.on_unavailable(exc)
 
     async def step(self) -> int:
-        """One turn if this process wins it; returns how many stale entries it repaired."""
+        """One turn if this process wins it; returns how many stale entries it repaired. A turn
+        touches both servers: a bare ``OSError`` may be PostgreSQL's (the cache stays trusted
+        then, as in the API's PostgreSQL-down mode), so it counts against Redis only if Redis
+        does not answer a ping either."""
         try:
             if not await take_turn(self.cache, period_s=self.period_s):
                 return 0
             return self._report(await reconcile(self.cache))
-        except Exception as exc:
+        except REDIS_ERRORS as exc:
             self._failed(exc)
+            raise
+        except OSError as exc:
+            if not await self.cache.ping():
+                self._failed(exc)
             raise
 
     async def catch_up(self) -> Reconciled:

@@ -288,6 +288,11 @@ def _redis_start(cfg: StackConfig) -> None:
             "",
             "--appendonly",
             "no",
+            # sessiond keeps state in Redis, not only a cache: never evict (storage.redis_policy)
+            "--maxmemory",
+            "1gb",
+            "--maxmemory-policy",
+            "noeviction",
             "--daemonize",
             "yes",
             "--pidfile",

@@ -10,13 +10,18 @@ disconnected user's token is refused from Redis alone (``gone:<id>``), and this 
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage import blocking
 from storage.rows import Outcome
 from storage.unit_of_work import unit_of_work
+
+log = logging.getLogger(__name__)
 
 BLOCKED = blocking.BLOCKED
 
@@ -55,11 +60,17 @@ async def is_blocked(client: aioredis.Redis, user_id: str) -> bool:
 
 
 async def mirror(client: aioredis.Redis, outcome: Outcome) -> None:
-    """After the commit: the ``blocked:<id>`` key follows the user's committed block."""
+    """After the commit: the ``blocked:<id>`` key follows the user's committed block. Best
+    effort: without it a blocked user is still refused, as ``not_connected``."""
     snap = outcome.snapshot
     if snap is None:
         return
-    if snap.blocked:
-        await client.set(blocked_key(outcome.user_id), "1")
-    else:
-        await client.delete(blocked_key(outcome.user_id))
+    try:
+        if snap.blocked:
+            await client.set(blocked_key(outcome.user_id), "1")
+        else:
+            await client.delete(blocked_key(outcome.user_id))
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        log.warning(
+            "blocked mirror not written", extra={"user_id": outcome.user_id, "error": repr(exc)}
+        )

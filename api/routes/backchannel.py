@@ -8,7 +8,8 @@ Keycloak itself) POSTs a signed ``logout_token`` (form field) when a session end
 - ``sub`` alone ends every session of the user (``force_disconnect``) and so sets the user's
   token fence;
 both with reason ``backchannel_logout``, through the one state machine and the outbox. The answer
-is 200 only after the commit (and the cache update); a failure releases the ``jti`` so that the
+is 200 only after the commit (the cache update goes the admin routes' way: ``Reconciler.publish``
+heals it when Redis fails); a failure before the commit releases the ``jti`` so that the
 provider's retry is accepted. Any invalid token: 400 ``{"error": "invalid_request"}``. Always
 ``Cache-Control: no-store`` (§2.8). 404 while ``SESSIOND_BACKCHANNEL_AUDIENCE`` is unset.
 
@@ -27,13 +28,7 @@ from sanic_ext import openapi
 from api.context import Req
 from api.logout_token import LogoutRequest, LogoutTokenError
 from storage import revocation
-from storage.state import (
-    Outcome,
-    find_session_owners,
-    force_disconnect,
-    publish_snapshot,
-    revoke_session,
-)
+from storage.state import Outcome, find_session_owners, force_disconnect, revoke_session
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +92,11 @@ async def backchannel_logout(request: Req) -> HTTPResponse:
         return _invalid(request, "replayed_jti")
     try:
         outcomes = await _apply(logout)
-        for outcome in outcomes:
-            await publish_snapshot(ctx.cache, outcome)
     except BaseException:
         await revocation.release_jti(ctx.redis, logout.issuer, logout.jti)
         raise
+    for outcome in outcomes:  # committed: a Redis failure now is the reconciler's to heal
+        await ctx.reconciler.publish(outcome)
     ctx.metrics.backchannel.inc("ok")
     log.info(
         "back-channel logout",

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from sessiond.events import Event
-from storage import rules
+from storage import blocking, rules
 from storage.models import CONNECTED, DISCONNECTED
 from storage.rows import Limits, Outcome, Session, batch_order
 
@@ -98,6 +98,18 @@ class Memory:
     def revoke_session(self, user_id: str, session_id: str, *, at: datetime) -> Outcome:
         state = self.load([user_id])
         out = state.revoke_session(user_id, session_id, at=at, reason="admin", source="admin")
+        self.save(state)
+        return out
+
+    def block(self, user_id: str, *, at: datetime) -> Outcome:
+        state = self.load([user_id])
+        out = blocking.block(state, user_id, at=at, reason=blocking.BLOCKED, source="admin")
+        self.save(state)
+        return out
+
+    def unblock(self, user_id: str, *, at: datetime) -> Outcome:
+        state = self.load([user_id])
+        out = blocking.unblock(state, user_id, at=at, source="admin")
         self.save(state)
         return out
 

@@ -169,9 +169,10 @@ def test_the_model_itself_on_known_histories() -> None:
 
 
 class LiveHistory(RuleBasedStateMachine):
-    """Events mixed with decisions that are not events (an admin, the idle and lifetime sweeps),
-    applied in one live order. The model: per session, whether it is open and the newest time
-    applied to it; per user, the newest logout of all sessions."""
+    """Events mixed with decisions that are not events (an admin's disconnect, revoke, block and
+    unblock, the idle and lifetime sweeps), applied in one live order. The model: per session,
+    whether it is open and the newest time applied to it; per user, the newest logout of all
+    sessions and whether they are blocked (no login applies while they are)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -181,11 +182,14 @@ class LiveHistory(RuleBasedStateMachine):
         self.open: set[Key] = set()
         self.newest: dict[Key, int] = {}
         self.fence: dict[str, int] = {}
+        self.blocked: set[str] = set()
 
     def _apply(self, ev: Event) -> None:
         key = (ev.user_id, ev.session_id or IMPLICIT)
         t = int((ev.occurred_at - T0).total_seconds())
         if ev.kind == "connected":
+            if ev.user_id in self.blocked:
+                return
             if t > self.newest.get(key, -1) and t > self.fence.get(ev.user_id, -1):
                 self.open.add(key)
                 self.newest[key] = t
@@ -232,6 +236,18 @@ class LiveHistory(RuleBasedStateMachine):
         self._end([k for k in self.open if k[0] == user])
         self.fence[user] = max(self.fence.get(user, self.now), self.now)
 
+    @rule(user=st.sampled_from(USERS))
+    def admin_block(self, user: str) -> None:
+        self.memory.block(user, at=at(self.now))
+        self._end([k for k in self.open if k[0] == user])
+        self.fence[user] = max(self.fence.get(user, self.now), self.now)
+        self.blocked.add(user)
+
+    @rule(user=st.sampled_from(USERS))
+    def admin_unblock(self, user: str) -> None:
+        self.memory.unblock(user, at=at(self.now))
+        self.blocked.discard(user)
+
     @rule(user=st.sampled_from(USERS), sid=st.sampled_from(SESSIONS))
     def admin_revoke(self, user: str, sid: str | None) -> None:
         self.memory.revoke_session(user, sid or IMPLICIT, at=at(self.now))
@@ -254,6 +270,7 @@ class LiveHistory(RuleBasedStateMachine):
     def open_sessions_match(self) -> None:
         assert self.memory.open_sessions() == self.open
         assert self.memory.connected_users() == {u for u, _ in self.open}
+        assert {u for u, row in self.memory.users.items() if row.get("blocked_at")} == self.blocked
 
 
 TestLiveHistory = LiveHistory.TestCase
