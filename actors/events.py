@@ -18,7 +18,8 @@ from actors import deadletter
 from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE, actor_name
 from sessiond.events import Event, partition_queue
-from storage import db, state
+from storage import db, revocation, state
+from storage.activity import ActivityBuffer
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,29 @@ ISOLATE_AFTER = 2
 event that cannot be applied holds back, and finally dead-letters, only itself."""
 
 
+EXPANDED_CHUNK = 1000
+"""Users per transaction when one revocation names many (a Keycloak ``logout-all``)."""
+
+
 async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Outcome]:
-    """One transaction for the batch, then the users' final snapshots to Redis, concurrently."""
-    outcomes = await state.apply_events(events)
-    await runtime.require_cache().sync_many([o.snapshot for o in outcomes if o.snapshot])
+    """One transaction for the batch, then the users' final snapshots to Redis, concurrently.
+
+    Revocations that name no user are expanded first (``storage.revocation``); activity events
+    (Keycloak token refreshes) only touch the activity buffer, like a granted request."""
+    cache = runtime.require_cache()
+    expanded = await revocation.expand(events)
+    touches = [ev for ev in expanded if ev.kind == "activity"]
+    if touches:
+        buffer = ActivityBuffer(cache.client)
+        for ev in touches:
+            await buffer.touch(ev.user_id, ev.occurred_at.timestamp())
+    changes = [ev for ev in expanded if ev.kind != "activity"]
+    chunk = len(changes) if len(changes) == len(events) else EXPANDED_CHUNK
+    outcomes: list[state.Outcome] = []
+    for start in range(0, len(changes), max(chunk, 1)):
+        done = await state.apply_events(changes[start : start + chunk])
+        await cache.sync_many([o.snapshot for o in done if o.snapshot])
+        outcomes += done
     return outcomes
 
 

@@ -71,6 +71,7 @@ def keycloak_source(settings: Settings) -> Source:
     decoder = keycloak.KeycloakDecoder(
         max_bytes=settings.max_event_bytes,
         binding_keys=keycloak.bindings(settings.keycloak_routing_keys),
+        activity_types=settings.keycloak_activity_types,
     )
 
     def declare(ch: Any) -> None:

@@ -21,11 +21,12 @@ from sanic_ext import Extend
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 from tortoise.exceptions import OperationalError
 
-from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock, Recorder
+from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock
 from api.context import App, AppContext
 from api.errors import JsonErrorHandler
 from api.metrics import Metrics, SharedMetrics
 from api.reconciler import Reconciler
+from api.recorder import Recorder
 from api.routes import BLUEPRINTS
 from api.tokens import TokenValidator
 from sessiond.config import Settings, get_settings

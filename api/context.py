@@ -8,9 +8,10 @@ import redis.asyncio as aioredis
 from sanic import Request, Sanic
 from sanic.config import Config
 
-from api.access import AccessControl, Clock, Recorder
+from api.access import AccessControl, Clock
 from api.metrics import Metrics, SharedMetrics
 from api.reconciler import Reconciler
+from api.recorder import Recorder
 from api.tokens import TokenValidator
 from sessiond.config import Settings
 from storage.activity import ActivityBuffer

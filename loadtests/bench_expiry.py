@@ -129,7 +129,7 @@ async def fill_cache(cache: cache_mod.Cache, users: int) -> float:
 
 
 async def run(args: argparse.Namespace, settings: Settings | None = None) -> dict[str, Any]:
-    """``settings``: another namespace than ``sessiond_bench``/db 11 (``loadtests/bench.py``)."""
+    """``settings``: another namespace than ``sessiond_bench``/db 11 (``loadtests/bench/``)."""
     settings = settings or bench_settings()
     await prepare(settings)
     pg = await asyncpg.connect(settings.database_url)

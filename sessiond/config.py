@@ -51,8 +51,12 @@ class Settings(BaseSettings):
     # How long audit rows are kept (``storage.retention``); 0 = forever, the default.
     audit_retention_s: int = Field(default=0, ge=0)
     keycloak_exchange: str | None = None
-    keycloak_routing_keys: str = "KK.EVENT.CLIENT.#"
+    # Client events and (CONTRACT §8) admin events: revocations by a Keycloak administrator.
+    keycloak_routing_keys: str = "KK.EVENT.CLIENT.#,KK.EVENT.ADMIN.#"
     keycloak_queue: str = "sessiond.keycloak"
+    # Keycloak client event types counted as activity of their session (comma-separated; only
+    # ``REFRESH_TOKEN`` and ``CODE_TO_TOKEN`` are allowed). Empty: off.
+    keycloak_activity_events: str = ""
     events_out_exchange: str = "sessiond.events"
     # Lifecycle events out (CONTRACT §7): the outbox relay in every worker process.
     outbox_relay: bool = True
@@ -82,6 +86,11 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_max_bytes: int = Field(default=8192, ge=256)
 
+    # OIDC Back-Channel Logout (CONTRACT §8): accepted ``aud`` values (comma-separated; unset =
+    # the route is off, 404) and the issuer (default: ``SESSIOND_JWT_ISSUER``).
+    backchannel_audience: str | None = None
+    backchannel_issuer: str | None = None
+
     # API process.
     api_host: str = "127.0.0.1"
     api_port: int = 8000
@@ -104,6 +113,15 @@ class Settings(BaseSettings):
             raise ValueError("SESSIOND_DATABASE_URL must start with postgres://")
         return value
 
+    @field_validator("keycloak_activity_events")
+    @classmethod
+    def _activity_types(cls, value: str) -> str:
+        allowed = {"REFRESH_TOKEN", "CODE_TO_TOKEN"}
+        unknown = {t.strip() for t in value.split(",") if t.strip()} - allowed
+        if unknown:
+            raise ValueError(f"SESSIOND_KEYCLOAK_ACTIVITY_EVENTS: not one of {sorted(allowed)}")
+        return value
+
     @model_validator(mode="after")
     def _no_placeholder_secret_in_production(self) -> Settings:
         if (
@@ -117,6 +135,14 @@ class Settings(BaseSettings):
     @property
     def amqp_is_tls(self) -> bool:
         return urlsplit(self.amqp_url).scheme == "amqps"
+
+    @property
+    def keycloak_activity_types(self) -> list[str]:
+        return [t.strip() for t in self.keycloak_activity_events.split(",") if t.strip()]
+
+    @property
+    def backchannel_audiences(self) -> list[str]:
+        return [a.strip() for a in (self.backchannel_audience or "").split(",") if a.strip()]
 
     @property
     def algorithms(self) -> list[str]:

@@ -15,8 +15,13 @@ from typing import Any, Literal
 
 from sessiond.errors import InvalidEvent
 
-EventKind = Literal["connected", "disconnected"]
+EventKind = Literal["connected", "disconnected", "activity"]
+# What the auth service may publish (CONTRACT §1); ``activity`` comes from Keycloak only.
 KINDS: tuple[EventKind, ...] = ("connected", "disconnected")
+Lookup = Literal["session", "realm"]
+"""How a revocation names its target when the source does not know the user: ``session`` (the
+owners of ``session_id``), ``realm`` (every user with an open session of that source). Such an
+event's ``user_id`` only routes it; ``storage.revocation.expand`` turns it into per-user ones."""
 MAX_USER_ID = 128
 MAX_SESSION_ID = 128
 MAX_EVENT_ID = 200
@@ -40,15 +45,19 @@ class Event:
     email: str | None = None
     source: str = "auth"
     ip_address: str | None = None
+    # Why a ``disconnected`` ends its sessions (``logout`` when absent): ``idp_admin``...
+    reason: str | None = None
+    lookup: Lookup | None = None
 
     def dedup_key(self) -> str:
         """Publisher ids are namespaced by source; without one, identical content is a duplicate."""
         if self.event_id is not None:
             return f"{self.source}:id:{self.event_id}"
+        parts = [self.kind, self.user_id, self.session_id or "", self.occurred_at.isoformat()]
+        if self.reason is not None:  # only then: the keys of plain events stay what they were
+            parts.append(self.reason)
         digest = hashlib.blake2b(
-            "\x1f".join(
-                [self.kind, self.user_id, self.session_id or "", self.occurred_at.isoformat()]
-            ).encode(),
+            "\x1f".join(parts).encode(),
             digest_size=16,
         ).hexdigest()
         return f"{self.source}:h:{digest}"
@@ -56,6 +65,9 @@ class Event:
     def to_wire(self) -> dict[str, Any]:
         data = {f: getattr(self, f) for f in self.__slots__}
         data["occurred_at"] = self.occurred_at.isoformat()
+        for optional in ("reason", "lookup"):  # absent unless set: older workers still read it
+            if data[optional] is None:
+                del data[optional]
         return data
 
     @classmethod

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Final
 
+from sessiond import keycloak_admin
 from sessiond.errors import InvalidEvent
 from sessiond.events import (
     MAX_EMAIL,
@@ -45,7 +46,15 @@ from sessiond.events import (
 
 SOURCE: Final = "keycloak"
 MAX_IP: Final = 64
-KINDS: Final[dict[str, EventKind]] = {"LOGIN": "connected", "LOGOUT": "disconnected"}
+KINDS: Final[dict[str, EventKind]] = {
+    "LOGIN": "connected",
+    "LOGOUT": "disconnected",
+    # Keycloak 26.5+: a session Keycloak itself removed (expiry, CONTRACT §8).
+    "USER_SESSION_DELETED": "disconnected",
+}
+END_REASONS: Final[dict[str, str]] = {"USER_SESSION_DELETED": keycloak_admin.IDP_EXPIRED}
+# Types ``SESSIOND_KEYCLOAK_ACTIVITY_EVENTS`` may list: activity of their session.
+ACTIVITY_TYPES: Final = frozenset({"REFRESH_TOKEN", "CODE_TO_TOKEN"})
 
 
 def bindings(routing_keys: str) -> list[str]:
@@ -92,9 +101,16 @@ class KeycloakDecoder:
     ``SESSIOND_KEYCLOAK_ROUTING_KEYS`` stays on the queue until unbound by hand, and the
     configuration, not the broker's leftovers, decides what starts a session."""
 
-    def __init__(self, *, max_bytes: int = 64 * 1024, binding_keys: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        *,
+        max_bytes: int = 64 * 1024,
+        binding_keys: Sequence[str] = (),
+        activity_types: Sequence[str] = (),
+    ) -> None:
         self.max_bytes = max_bytes
         self.binding_keys = tuple(binding_keys)
+        self.activity_types = frozenset(activity_types) & ACTIVITY_TYPES
         self.counts: Counter[str] = Counter()
 
     def __call__(self, body: bytes, received_at: datetime, routing_key: str = "") -> Event | None:
@@ -105,18 +121,34 @@ class KeycloakDecoder:
             self.counts["unbound"] += 1
             return None
         obj = load_object(body, self.max_bytes)
+        if keycloak_admin.is_admin_message(routing_key, obj):
+            return self._admin(obj, received_at, routing_key)
         event_type = obj.get("type")
         if not isinstance(event_type, str) or not event_type:
             raise InvalidEvent("unknown_event", f"type {event_type!r}"[:100])
         if is_error(routing_key, obj):
             self.counts[f"error:{event_type}"] += 1
             return None
-        kind = KINDS.get(event_type)
+        kind = self._kind(event_type)
         if kind is None:
             self.counts[f"ignored:{event_type}"] += 1
             return None
         event = self._event(obj, kind, received_at)
         self.counts[event_type] += 1
+        return event
+
+    def _kind(self, event_type: str) -> EventKind | None:
+        """``LOGIN``/``LOGOUT``/``USER_SESSION_DELETED``, and the configured activity types."""
+        if event_type in self.activity_types:
+            return "activity"
+        return KINDS.get(event_type)
+
+    def _admin(self, obj: dict[str, Any], received_at: datetime, routing_key: str) -> Event | None:
+        """An admin event (``sessiond.keycloak_admin``); counted like client events."""
+        label, event = keycloak_admin.decode_admin(
+            obj, received_at=received_at, routing_key=routing_key
+        )
+        self.counts[label] += 1
         return event
 
     def _event(self, obj: dict[str, Any], kind: EventKind, received_at: datetime) -> Event:
@@ -142,4 +174,5 @@ class KeycloakDecoder:
             ip_address=text_field(obj, "ipAddress", MAX_IP, reason="ip_address")
             if connected
             else None,
+            reason=END_REASONS.get(str(obj.get("type"))),
         )

@@ -398,7 +398,7 @@ class UnitOfWork:
             if user["logged_out_at"] is None or at > user["logged_out_at"]:
                 user["logged_out_at"] = at
             out.ended_sessions = self.end_sessions(
-                ev.user_id, at=at, reason="logout", source=ev.source
+                ev.user_id, at=at, reason=ev.reason or "logout", source=ev.source
             )
             # The implicit session's tombstone keeps its own ordering fence as well.
             self._fence(ev, IMPLICIT)
@@ -411,8 +411,9 @@ class UnitOfWork:
             out.reason = "stale"
             return False
         out.ended_sessions = self.end_sessions(
-            ev.user_id, at=at, reason="logout", source=ev.source, session_ids=[ev.session_id]
-        )
+            ev.user_id, at=at, reason=ev.reason or "logout", source=ev.source,
+            session_ids=[ev.session_id],
+        )  # fmt: skip
         if not out.ended_sessions:
             self._fence(ev, ev.session_id)
         return True
@@ -443,7 +444,7 @@ class UnitOfWork:
                 occurred_at=ev.occurred_at,
                 detail={"event": ev.kind},
             )
-        ended_by = "session_limit" if ev.kind == "connected" else "logout"
+        ended_by = "session_limit" if ev.kind == "connected" else ev.reason or "logout"
         self.settle(ev.user_id, ev.occurred_at, out.applied, reason=ended_by)
         return out
 
