@@ -49,14 +49,23 @@ class StackConfig:
     def ca_file(self) -> Path:
         return self.tls_dir / "ca.pem"
 
+    def home(self, server: str) -> Path:
+        """The directory holding ``server``'s data directory and log: the stack directory, except
+        for a PostgreSQL placed where the ``postgres`` user can reach it (recorded in
+        ``postgres.location``; see ``sessiond.stack.postgres``)."""
+        record = self.root / f"{server}.location"
+        if server == "postgres" and record.exists():
+            return Path(record.read_text().strip())
+        return self.root
+
     def dir(self, server: str) -> Path:
-        return self.root / server
+        return self.home(server) / server
 
     def pidfile(self, server: str) -> Path:
         return self.root / f"{server}.pid"
 
     def logfile(self, server: str) -> Path:
-        return self.root / f"{server}.log"
+        return self.home(server) / f"{server}.log"
 
     @property
     def rabbit_node(self) -> str:

@@ -54,10 +54,7 @@ def _reachable_by(user: str, path: Path) -> bool:
 def home(cfg: StackConfig) -> Path:
     """The directory holding PostgreSQL's data (``postgres/``), socket (``pgsock/``) and log
     (``postgres.log``): the stack directory, or one under /var/lib/sessiond (see the module)."""
-    record = cfg.root / "postgres.location"
-    if record.exists():
-        return Path(record.read_text().strip())
-    return cfg.root
+    return cfg.home(SERVER)
 
 
 def _choose_home(cfg: StackConfig, user: str | None) -> Path:
@@ -87,7 +84,7 @@ def _choose_home(cfg: StackConfig, user: str | None) -> Path:
 
 
 def logfile(cfg: StackConfig) -> Path:
-    return home(cfg) / "postgres.log"
+    return cfg.logfile(SERVER)
 
 
 def _psql(cfg: StackConfig) -> list[str]:

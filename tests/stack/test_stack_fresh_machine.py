@@ -60,6 +60,8 @@ def test_postgres_runs_although_the_stack_directory_is_out_of_its_reach(
         assert (base / "postgres" / "PG_VERSION").exists()
         assert stack.running(cfg, "postgres")
         assert stack.logfile(cfg, "postgres") == base / "postgres.log"
+        assert cfg.logfile("postgres") == base / "postgres.log"
+        assert cfg.dir("postgres") == base / "postgres"  # what tests and tools look up
         # and the user's directories were left as they were
         assert (private_dir.parent.parent.stat().st_mode & 0o777) == 0o700
         # and a second start finds the same cluster
