@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dramatiq
 
-from actors import events, ingress, jobs
+from actors import events, jobs
+from actors import sources as ingest_sources
 from actors.broker import build_broker
 from actors.outbox import OutboxMiddleware
 from actors.runtime import Runtime
@@ -16,9 +17,9 @@ setup_logging(settings.log_level)
 runtime = Runtime(settings)
 
 
-def sources() -> list[ingress.Source]:
+def sources() -> list[ingest_sources.Source]:
     """The auth service's queue, plus Keycloak's when ``SESSIOND_KEYCLOAK_EXCHANGE`` is set."""
-    return ingress.sources_for(settings)
+    return ingest_sources.sources_for(settings)
 
 
 broker = build_broker(settings, runtime, sources)

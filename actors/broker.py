@@ -19,8 +19,9 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
-from actors.ingress import IngressMiddleware, Source
+from actors.ingress import IngressMiddleware
 from actors.runtime import Runtime, StorageMiddleware
+from actors.sources import Source
 from sessiond import amqp
 from sessiond.config import Settings
 

@@ -2,6 +2,14 @@
 
 Messages keep the publisher's original body byte for byte, so ``replay`` can publish them again
 exactly as the auth service did; the reason and origin travel in ``x-sessiond-*`` headers.
+
+So does the time the ingress gave the message (``-received-at``, and ``-stamped-at``, the time
+an event without its own was given): ``replay`` sends both back, and the ingress decodes the
+replayed body with them instead of its own clock. A replayed event is therefore the event it was
+(same time, same de-duplication key: a no-op if it was applied meanwhile), and never later than
+its first receipt (a ``connected`` that failed while PostgreSQL was down cannot undo the logout
+that came after it). Letters written before these headers existed replay at their
+``-failed-at`` time, which is still earlier than anything published after the failure.
 """
 
 from __future__ import annotations
@@ -18,10 +26,14 @@ import pika
 
 from sessiond import amqp
 from sessiond.config import Settings
+from sessiond.stamps import parse_stamp
 
 log = logging.getLogger(__name__)
 
 HEADER = "x-sessiond-"
+RECEIVED_AT = f"{HEADER}received-at"
+STAMPED_AT = f"{HEADER}stamped-at"
+REPLAYED = f"{HEADER}replayed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +48,8 @@ class DeadLetter:
     routing_key: str
     attempts: int
     body: bytes
+    received_at: str = ""
+    stamped_at: str = ""
 
     def to_json(self) -> dict[str, Any]:
         try:
@@ -50,6 +64,8 @@ class DeadLetter:
             "exchange": self.exchange,
             "routing_key": self.routing_key,
             "attempts": self.attempts,
+            "received_at": self.received_at,
+            "stamped_at": self.stamped_at,
             "body": body,
         }
 
@@ -63,12 +79,16 @@ def properties(
     routing_key: str,
     attempts: int = 0,
     content_type: str | None = None,
+    received_at: str | None = None,
+    stamped_at: str | None = None,
 ) -> pika.BasicProperties:
+    stamps = {RECEIVED_AT: received_at, STAMPED_AT: stamped_at or received_at}
     return pika.BasicProperties(
         delivery_mode=2,
         content_type=content_type,
         timestamp=int(time.time()),
         headers={
+            **{k: v for k, v in stamps.items() if v},
             f"{HEADER}reason": reason,
             f"{HEADER}detail": detail[:1000],
             f"{HEADER}failed-at": datetime.now(UTC).isoformat(),
@@ -103,7 +123,32 @@ def _from_message(props: pika.BasicProperties, body: bytes, settings: Settings) 
         routing_key=_text(h.get(f"{HEADER}routing-key")),
         attempts=int(h.get(f"{HEADER}attempts") or 0),
         body=body,
+        received_at=_text(h.get(RECEIVED_AT)),
+        stamped_at=_text(h.get(STAMPED_AT)),
     )
+
+
+def restored_stamps(headers: dict[str, Any] | None) -> tuple[datetime, datetime] | None:
+    """``(received_at, stamped_at)`` of a replayed dead letter, or ``None`` for a fresh message.
+    The stamp is never later than the receipt."""
+    h = headers or {}
+    received = parse_stamp(h.get(RECEIVED_AT))
+    if received is None:
+        return None
+    stamped = parse_stamp(h.get(STAMPED_AT)) or received
+    return received, min(stamped, received)
+
+
+def replay_headers(letter: DeadLetter) -> dict[str, Any]:
+    """The stamps a replay carries: the original ones, or the failure time for old letters."""
+    received = letter.received_at or letter.failed_at
+    if parse_stamp(received) is None:
+        return {REPLAYED: 1}
+    return {
+        RECEIVED_AT: received,
+        STAMPED_AT: letter.stamped_at or received,
+        REPLAYED: 1,
+    }
 
 
 def listing(settings: Settings, *, limit: int = 100) -> Iterator[DeadLetter]:
@@ -123,6 +168,9 @@ def listing(settings: Settings, *, limit: int = 100) -> Iterator[DeadLetter]:
 
 def replay(settings: Settings, *, limit: int | None = None, reason: str | None = None) -> int:
     """Publishes dead letters again to the exchange they came from, then acks them.
+
+    Each carries its original stamps (``replay_headers``): the ingress gives it the time it was
+    given the first time, not the replay's.
 
     With publisher confirms, a message leaves the dead-letter queue only once the broker has taken
     its copy: a crash in between duplicates it (harmless, events are idempotent), never loses it.
@@ -147,7 +195,11 @@ def replay(settings: Settings, *, limit: int | None = None, reason: str | None =
                 exchange=letter.exchange,
                 routing_key=letter.routing_key or "replay",
                 body=body,
-                properties=pika.BasicProperties(delivery_mode=2, content_type=props.content_type),
+                properties=pika.BasicProperties(
+                    delivery_mode=2,
+                    content_type=props.content_type,
+                    headers=replay_headers(letter),
+                ),
                 mandatory=True,
             )
             ch.basic_ack(method.delivery_tag)

@@ -18,7 +18,7 @@ from actors import deadletter
 from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE, actor_name
 from sessiond.events import Event, partition_queue
-from storage import db, revocation, state
+from storage import block, db, revocation, state
 from storage.activity import ActivityBuffer
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,10 @@ EXPANDED_CHUNK = 1000
 async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Outcome]:
     """One transaction for the batch, then the users' final snapshots to Redis, concurrently.
 
-    Revocations that name no user are expanded first (``storage.revocation``); activity events
-    (Keycloak token refreshes) only touch the activity buffer, like a granted request."""
+    Revocations that name no user are expanded first (``storage.revocation``; a Keycloak
+    ``logout-all`` may name thousands, applied ``EXPANDED_CHUNK`` users per transaction);
+    activity events (Keycloak token refreshes) only touch the activity buffer, like a granted
+    request; the ``blocked:<id>`` mirror follows the users a block or unblock touched."""
     cache = runtime.require_cache()
     expanded = await revocation.expand(events)
     touches = [ev for ev in expanded if ev.kind == "activity"]
@@ -46,11 +48,16 @@ async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Ou
         for ev in touches:
             await buffer.touch(ev.user_id, ev.occurred_at.timestamp())
     changes = [ev for ev in expanded if ev.kind != "activity"]
-    chunk = len(changes) if len(changes) == len(events) else EXPANDED_CHUNK
+    blocks = {ev.user_id for ev in changes if ev.kind in ("blocked", "unblocked")}
+    chunk = max(len(changes) if len(changes) == len(events) else EXPANDED_CHUNK, 1)
     outcomes: list[state.Outcome] = []
-    for start in range(0, len(changes), max(chunk, 1)):
+    for start in range(0, len(changes), chunk):
         done = await state.apply_events(changes[start : start + chunk])
         await cache.sync_many([o.snapshot for o in done if o.snapshot])
+        for outcome in done:  # also heals a lost mirror when a blocked user's login is refused
+            snap = outcome.snapshot
+            if snap is not None and (snap.blocked or outcome.user_id in blocks):
+                await block.mirror(cache.client, outcome)
         outcomes += done
     return outcomes
 
@@ -75,8 +82,9 @@ def _dead_letter(
     reason: str,
     detail: str,
 ) -> None:
-    """The original body, with the exchange and routing key it was published with, so that
-    ``sessiond dlq replay`` sends it back through the same decoder."""
+    """The original body, with the exchange and routing key it was published with and the
+    stamps the ingress gave it, so that ``sessiond dlq replay`` sends it back through the same
+    decoder at the same time."""
     props = deadletter.properties(
         reason=reason,
         detail=detail,
@@ -84,6 +92,8 @@ def _dead_letter(
         exchange=str(item.get("exchange") or runtime.settings.events_exchange),
         routing_key=str(item.get("routing_key") or "replay"),
         attempts=int(message.options.get("retries", 0)) + 1 if message else 1,
+        received_at=str(item.get("received_at") or "") or None,
+        stamped_at=str(item.get("stamped_at") or "") or None,
     )
     channel = broker.channel  # type: ignore[attr-defined]
     channel.queue_declare(runtime.settings.dead_letter_queue, durable=True)

@@ -1,16 +1,20 @@
 """The ingress: plain JSON events from the auth service in, partitioned Dramatiq messages out.
 
 The publisher knows nothing of Dramatiq (CONTRACT §1), so a small consumer in every worker process
-reads the durable queue bound to the events exchange, validates each body, and republishes it as a
+reads the durable queues of ``actors.sources``, validates each body, and republishes it as a
 Dramatiq message to the partition queue of its user, or to the dead-letter queue with a reason.
 The channel is in AMQP transaction mode: a batch's publishes and the acknowledgement of its inputs
 commit together, so a crash in between redelivers the batch (duplicates are harmless) and loses
 nothing.
 
-Sources are pluggable (``Source``: a queue, how to declare it, how to decode its bodies): the auth
-service's queue always, and with ``SESSIOND_KEYCLOAK_EXCHANGE`` set, sessiond's own durable queue
-``SESSIOND_KEYCLOAK_QUEUE`` bound to that exchange with each of ``SESSIOND_KEYCLOAK_ROUTING_KEYS``
-(``sessiond.keycloak``: Keycloak's event-listener plugin, CONTRACT §7).
+Order: each ingest queue has a single active consumer (the other processes' consumers wait), and
+it gives every message a stamp that never goes backwards (``sessiond.stamps``), also across a
+hand-over (``actors.topology`` keeps the high-water stamp in RabbitMQ). An event without a time of
+its own takes that stamp (or the publisher's AMQP ``timestamp``), so for those events queue order
+is event order. A replayed dead letter gets back the stamps it was first given.
+
+No message can stop a queue: whatever a decoder raises dead-letters that one message (reason
+``undecodable``, the exception in ``x-sessiond-detail``) and the batch goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import dramatiq
@@ -29,70 +33,27 @@ import pika
 import pika.exceptions
 from dramatiq.middleware import Middleware
 
-from actors import deadletter
-from actors.topology import JOBS_QUEUE, actor_name, declare_dramatiq_queue, partition_queues
+from actors import deadletter, topology
+from actors.forwarding import Stamps, event_item, journal_message, partition_messages, with_stamp
+from actors.sources import Source
+from actors.topology import JOBS_QUEUE, declare_dramatiq_queue, partition_queues
 from sessiond import amqp, keycloak
 from sessiond.config import Settings
-from sessiond.errors import InvalidEvent
-from sessiond.events import Event, decode_event, partition_of, partition_queue
+from sessiond.errors import InvalidEvent, SessiondError
+from sessiond.stamps import Clock, publisher_stamp, timestamp_of, utc_now
 
 log = logging.getLogger(__name__)
 
-Decoder = Callable[[bytes, datetime, str], Event | None]
-"""Turns a body (and its routing key) into an event; ``None`` means "valid but nothing to do"
-(e.g. a Keycloak event type sessiond ignores); ``InvalidEvent`` means dead-letter it."""
-
-Declare = Callable[[Any], None]
-"""Declares a source's queue and bindings on a channel (idempotent)."""
+SKEW_WARNING = timedelta(seconds=1)
 
 
-@dataclass(frozen=True, slots=True)
-class Source:
-    queue: str
-    decode: Decoder
-    declare: Declare | None = None
-    name: str = "auth"
+class QueueMismatch(SessiondError):
+    """An ingest queue exists with other arguments than ours (e.g. without a single active
+    consumer) and has no versioned successor to migrate to."""
 
 
-def auth_source(settings: Settings) -> Source:
-    """The auth service's queue (CONTRACT §1); ``amqp.declare_topology`` declares it."""
-
-    def decode(body: bytes, received_at: datetime, routing_key: str = "") -> Event:
-        return decode_event(body, received_at=received_at, max_bytes=settings.max_event_bytes)
-
-    return Source(settings.ingest_queue, decode)
-
-
-def keycloak_source(settings: Settings) -> Source:
-    """Keycloak's plugin messages (CONTRACT §7) from our own durable queue on its exchange."""
-    exchange = settings.keycloak_exchange
-    if not exchange:
-        raise ValueError("SESSIOND_KEYCLOAK_EXCHANGE is not set")
-    decoder = keycloak.KeycloakDecoder(
-        max_bytes=settings.max_event_bytes,
-        binding_keys=keycloak.bindings(settings.keycloak_routing_keys),
-        activity_types=settings.keycloak_activity_types,
-    )
-
-    def declare(ch: Any) -> None:
-        # ``amq.*`` exchanges exist in every vhost and may not be declared by clients.
-        if exchange.startswith("amq."):
-            ch.exchange_declare(exchange, exchange_type="topic", passive=True)
-        else:
-            ch.exchange_declare(exchange, exchange_type="topic", durable=True)
-        ch.queue_declare(settings.keycloak_queue, durable=True)
-        for key in keycloak.bindings(settings.keycloak_routing_keys):
-            ch.queue_bind(settings.keycloak_queue, exchange, routing_key=key)
-
-    return Source(settings.keycloak_queue, decoder, declare, name=keycloak.SOURCE)
-
-
-def sources_for(settings: Settings) -> list[Source]:
-    """Every source the settings ask for: auth always, Keycloak when its exchange is set."""
-    found = [auth_source(settings)]
-    if settings.keycloak_exchange:
-        found.append(keycloak_source(settings))
-    return found
+class LegacyBusy(SessiondError):
+    """A legacy ingest queue still has other consumers (older workers): wait for them to go."""
 
 
 @dataclass(slots=True)
@@ -101,47 +62,6 @@ class _Delivery:
     method: Any
     props: pika.BasicProperties
     body: bytes
-
-
-def event_item(event: Event, raw: bytes, exchange: str, routing_key: str) -> dict[str, Any]:
-    """One event as it travels to its partition: validated, plus the original body and where it
-    came from, so that a dead letter can be replayed exactly as it was published."""
-    return {
-        "event": event.to_wire(),
-        "raw": raw.decode("utf-8"),
-        "exchange": exchange,
-        "routing_key": routing_key,
-    }
-
-
-def partition_messages(
-    items: list[tuple[str, dict[str, Any]]], partitions: int
-) -> list[dramatiq.Message[Any]]:
-    """One Dramatiq message per partition for a batch of ``(user_id, item)``, in arrival order:
-    the partition's actor applies them in one transaction."""
-    grouped: dict[int, list[dict[str, Any]]] = {}
-    for user_id, item in items:
-        grouped.setdefault(partition_of(user_id, partitions), []).append(item)
-    return [
-        dramatiq.Message(
-            queue_name=partition_queue(index),
-            actor_name=actor_name(index),
-            args=(batch,),
-            kwargs={},
-            options={},
-        )
-        for index, batch in sorted(grouped.items())
-    ]
-
-
-def journal_message(reason: str, detail: str, source_queue: str) -> dramatiq.Message[Any]:
-    return dramatiq.Message(
-        queue_name=JOBS_QUEUE,
-        actor_name="record_dead_letter",
-        args=(reason, detail, source_queue, None),
-        kwargs={},
-        options={},
-    )
 
 
 class Ingress(threading.Thread):
@@ -154,6 +74,7 @@ class Ingress(threading.Thread):
         *,
         batch_size: int = 500,
         linger_s: float = 0.02,
+        clock: Clock | None = None,
     ) -> None:
         super().__init__(name="sessiond-ingress", daemon=True)
         self.settings = settings
@@ -166,6 +87,12 @@ class Ingress(threading.Thread):
         self.ignored: Counter[str] = Counter()
         self.report_every_s = 60.0
         self._reported_at = time.monotonic()
+        # Kept across reconnections: this process's stamps never go backwards either.
+        self.clock = clock or Clock()
+        self._last_stamp: datetime | None = None
+        self._high_water_read: set[str] = set()
+        self._high_water_tags: list[int] = []
+        self._committed = False
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stopping.set()
@@ -174,72 +101,206 @@ class Ingress(threading.Thread):
     def run(self) -> None:
         delay = 0.5
         while not self.stopping.is_set():
+            self._committed = False
             try:
                 self._consume()
                 delay = 0.5
+                continue
+            except LegacyBusy as exc:
+                log.warning("ingress waits for a legacy queue", extra={"detail": str(exc)})
+            except QueueMismatch as exc:
+                log.error("ingress cannot declare its queue", extra={"detail": str(exc)})
             except (pika.exceptions.AMQPError, OSError) as exc:
                 log.warning(
                     "ingress lost RabbitMQ; reconnecting",
                     extra={"error": repr(exc), "retry_in_s": delay},
                 )
-                self.stopping.wait(delay)
-                delay = min(delay * 2, 15.0)
             except Exception:
-                log.exception("ingress failed; restarting")
-                self.stopping.wait(delay)
+                log.exception("ingress failed; restarting", extra={"retry_in_s": delay})
+            if self._committed:
+                delay = 0.5  # it worked for a while: the next failure is a new one
+            self.stopping.wait(delay)
+            delay = min(delay * 2, 15.0)
+
+    def _declare(self, ch: Any) -> None:
+        try:
+            amqp.declare_topology(ch, self.settings)
+            for source in self.sources:
+                if source.declare is not None:
+                    source.declare(ch)
+                topology.declare_stamp_queue(ch, source.queue)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code != 406:
+                raise
+            raise QueueMismatch(
+                f"{exc.reply_text}; an ingest queue needs x-single-active-consumer, which "
+                "RabbitMQ cannot add to an existing queue: name a new one ending in "
+                f"{topology.VERSION_SUFFIX!r} (SESSIOND_INGEST_QUEUE / SESSIOND_KEYCLOAK_QUEUE) "
+                "and sessiond drains the old one into it"
+            ) from None
+        for queue in [*partition_queues(self.settings.partitions), JOBS_QUEUE]:
+            declare_dramatiq_queue(ch, queue)
 
     def _consume(self) -> None:
         conn = pika.BlockingConnection(amqp.connection_parameters(self.settings))
         try:
             ch = conn.channel()
-            amqp.declare_topology(ch, self.settings)
-            for source in self.sources:
-                if source.declare is not None:
-                    source.declare(ch)
-            for queue in [*partition_queues(self.settings.partitions), JOBS_QUEUE]:
-                declare_dramatiq_queue(ch, queue)
+            self._declare(ch)
             ch.basic_qos(prefetch_count=self.batch_size * 2)
             ch.tx_select()
+            self._high_water_read, self._high_water_tags = set(), []
             pending: list[_Delivery] = []
             for source in self.sources:
-
-                def on_message(
-                    _ch: Any, method: Any, props: Any, body: bytes, source: Source = source
-                ) -> None:
-                    pending.append(_Delivery(source, method, props, body))
-
-                ch.basic_consume(source.queue, on_message)
+                legacy = topology.legacy_queue(source.queue)
+                if legacy is not None and self._exists(conn, legacy):
+                    self._drain_legacy(conn, ch, source, legacy, pending)
+            for source in self.sources:
+                ch.basic_consume(source.queue, self._collector(pending, source))
             log.info("ingress consuming", extra={"queues": [s.queue for s in self.sources]})
             while not self.stopping.is_set():
-                conn.process_data_events(time_limit=self.linger_s if pending else 0.2)
-                if pending and (len(pending) >= self.batch_size or self._quiet(conn, pending)):
-                    batch, pending[:] = list(pending), []
-                    self._forward(ch, batch)
+                self._step(conn, ch, pending)
         finally:
             if conn.is_open:
                 conn.close()  # uncommitted acks roll back: those messages are redelivered
+
+    def _collector(self, pending: list[_Delivery], source: Source) -> Callable[..., None]:
+        def on_message(_ch: Any, method: Any, props: Any, body: bytes) -> None:
+            pending.append(_Delivery(source, method, props, body))
+
+        return on_message
+
+    def _step(self, conn: pika.BlockingConnection, ch: Any, pending: list[_Delivery]) -> bool:
+        """Reads for a moment, forwards a batch when one is ready; False when nothing came."""
+        conn.process_data_events(time_limit=self.linger_s if pending else 0.2)
+        if pending and (len(pending) >= self.batch_size or self._quiet(conn, pending)):
+            batch, pending[:] = list(pending), []
+            self._forward(ch, batch)
+            return True
+        return bool(pending)
+
+    @staticmethod
+    def _exists(conn: pika.BlockingConnection, queue: str) -> bool:
+        probe = conn.channel()
+        try:
+            probe.queue_declare(queue, passive=True)
+            return True
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 404:
+                return False
+            raise
+        finally:
+            if probe.is_open:
+                probe.close()
+
+    @staticmethod
+    def _depth(conn: pika.BlockingConnection, queue: str) -> int:
+        probe = conn.channel()
+        try:
+            return int(probe.queue_declare(queue, passive=True).method.message_count)
+        finally:
+            if probe.is_open:
+                probe.close()
+
+    def _drain_legacy(
+        self,
+        conn: pika.BlockingConnection,
+        ch: Any,
+        source: Source,
+        legacy: str,
+        pending: list[_Delivery],
+    ) -> None:
+        """Takes the legacy queue off its exchange, forwards its backlog as the only consumer
+        (exclusive: refused while older workers still read it), then deletes it. Messages routed
+        to both queues in the instant between binding the new one and unbinding this one are
+        read twice, the second copy after the first and before anything later: a repeat that
+        leaves every session as the first reading did."""
+        for exchange, key in source.bindings:
+            ch.queue_unbind(legacy, exchange, routing_key=key)
+        before = self._depth(conn, legacy)
+        log.warning(
+            "draining legacy ingest queue",
+            extra={"queue": legacy, "into": source.queue, "messages": before},
+        )
+        try:
+            tag = ch.basic_consume(legacy, self._collector(pending, source), exclusive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            if exc.reply_code == 403:
+                raise LegacyBusy(f"{legacy} is still consumed by older workers") from None
+            raise
+        while not self.stopping.is_set():
+            if not self._step(conn, ch, pending) and self._depth(conn, legacy) == 0:
+                break
+        ch.basic_cancel(tag)
+        if pending:
+            batch, pending[:] = list(pending), []
+            self._forward(ch, batch)
+        ch.tx_commit()
+        if self.stopping.is_set():
+            return
+        ch.queue_delete(legacy, if_empty=True)  # not empty after all: 406, reconnect, drain again
+        log.warning("legacy ingest queue drained and deleted", extra={"queue": legacy})
 
     def _quiet(self, conn: pika.BlockingConnection, pending: list[_Delivery]) -> bool:
         before = len(pending)
         conn.process_data_events(time_limit=0)
         return len(pending) == before
 
+    def _read_high_water(self, ch: Any, source: Source) -> None:
+        """Once per connection and source, before its first stamp: start above the newest stamp
+        any earlier active consumer committed."""
+        self._high_water_read.add(source.name)
+        stamp, tag = topology.read_high_water(ch, source.queue)
+        if tag is not None:
+            self._high_water_tags.append(tag)
+        if stamp is None:
+            return
+        if stamp > utc_now() + SKEW_WARNING:
+            log.warning(
+                "high-water stamp ahead of this clock; stamping after it",
+                extra={"queue": source.queue, "high_water": stamp.isoformat()},
+            )
+        self.clock.advance_to(stamp)
+
+    def _stamps(self, d: _Delivery) -> Stamps:
+        receipt = self.clock.next()
+        restored = deadletter.restored_stamps(d.props.headers)
+        if restored is not None:
+            received = min(restored[0], receipt)
+            return Stamps(received, min(restored[1], received))
+        ts = timestamp_of(d.props.timestamp)
+        stamp = receipt
+        if ts is not None:
+            stamp = publisher_stamp(ts, after=self._last_stamp, receipt=receipt)
+        self._last_stamp = stamp
+        return Stamps(receipt, stamp)
+
     def _forward(self, ch: Any, batch: list[_Delivery]) -> None:
-        received_at = datetime.now(UTC)
         forwarded = dead = 0
         ignored: Counter[str] = Counter()
         items: list[tuple[str, dict[str, Any]]] = []
+        sources = {d.source.name: d.source for d in batch}
+        for source in sources.values():
+            if source.name not in self._high_water_read:
+                self._read_high_water(ch, source)
         for d in batch:
+            stamps = self._stamps(d)
+            routing_key = d.method.routing_key or ""
             try:
-                event = d.source.decode(d.body, received_at, d.method.routing_key or "")
+                event = d.source.decode(d.body, stamps.received_at, routing_key)
+                if event is None:
+                    ignored[d.source.name] += 1
+                    continue
+                event = with_stamp(event, stamps)
+                item = event_item(event, d.body, d.method.exchange, routing_key, stamps)
             except InvalidEvent as exc:
-                self._dead_letter(ch, d, exc)
+                self._dead_letter(ch, d, exc.reason, exc.detail, stamps)
                 dead += 1
                 continue
-            if event is None:
-                ignored[d.source.name] += 1
+            except Exception as exc:  # a decoder's bug must not stop the queue
+                log.exception("undecodable message dead-lettered", extra={"queue": d.source.queue})
+                self._dead_letter(ch, d, "undecodable", repr(exc), stamps)
+                dead += 1
                 continue
-            item = event_item(event, d.body, d.method.exchange, d.method.routing_key or "")
             items.append((event.user_id, item))
             forwarded += 1
         for msg in partition_messages(items, self.settings.partitions):
@@ -249,8 +310,17 @@ class Ingress(threading.Thread):
                 body=msg.encode(),
                 properties=pika.BasicProperties(delivery_mode=2),
             )
-        ch.basic_ack(batch[-1].method.delivery_tag, multiple=True)
+        if self.clock.last is not None:
+            for source in sources.values():
+                topology.write_high_water(ch, source.queue, self.clock.last)
+        last_tag = int(batch[-1].method.delivery_tag)
+        for tag in self._high_water_tags:
+            if tag > last_tag:  # a lower tag is covered by the multiple ack below
+                ch.basic_ack(tag)
+        self._high_water_tags.clear()
+        ch.basic_ack(last_tag, multiple=True)
         ch.tx_commit()
+        self._committed = True
         self.forwarded += forwarded
         self.dead_lettered += dead
         self.ignored.update(ignored)
@@ -276,21 +346,23 @@ class Ingress(threading.Thread):
             },
         }
 
-    def _dead_letter(self, ch: Any, d: _Delivery, exc: InvalidEvent) -> None:
+    def _dead_letter(self, ch: Any, d: _Delivery, reason: str, detail: str, stamps: Stamps) -> None:
         log.warning(
             "invalid event dead-lettered",
-            extra={"reason": exc.reason, "detail": exc.detail, "queue": d.source.queue},
+            extra={"reason": reason, "detail": detail[:300], "queue": d.source.queue},
         )
         props = deadletter.properties(
-            reason=exc.reason,
-            detail=exc.detail,
+            reason=reason,
+            detail=detail,
             source_queue=d.source.queue,
             exchange=d.method.exchange,
             routing_key=d.method.routing_key,
             content_type=d.props.content_type,
+            received_at=stamps.received_at.isoformat(),
+            stamped_at=stamps.stamped_at.isoformat(),
         )
         deadletter.publish(ch, self.settings, d.body, props)
-        journal = journal_message(exc.reason, exc.detail, d.source.queue)
+        journal = journal_message(reason, detail[:1000], d.source.queue)
         ch.basic_publish(
             exchange="",
             routing_key=JOBS_QUEUE,

@@ -13,6 +13,9 @@ Degraded modes (never a wrong 200):
   After one failure Redis is bypassed and probed in the background until it answers again, so
   requests do not each pay a connection timeout. When PostgreSQL's times alone say "idle", the
   pending activity that only Redis knows cannot be read: 503, not a guess.
+- Redis answering again is trusted only after a reconciler turn has caught it up with
+  PostgreSQL; a refill refused by the version guard is a stale read, never served
+  (``api.cachetrust``).
 - PostgreSQL unreachable: a cache hit still answers; a miss is 503 (``DependencyUnavailable``).
 """
 
@@ -27,17 +30,16 @@ from typing import Any, Final
 
 import asyncpg
 import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from tortoise.exceptions import DBConnectionError
 
-from api.background import cancel
+from api.cachetrust import REDIS_UNAVAILABLE, RedisTrust, refill
 from api.metrics import Metrics
 from api.recorder import Recorder
-from api.tokens import Principal, TokenError, TokenValidator
+from api.tokens import Principal, TokenError, TokenValidator, predates_fence
 from sessiond.errors import DependencyUnavailable, SessiondError
 from storage.activity import ActivityBuffer
-from storage.cache import Cache, UserSnapshot, user_key
+from storage.block import blocked_key
+from storage.cache import Cache, UserSnapshot, gone_key, user_key
 from storage.state import load_snapshot
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,8 @@ INVALID_TOKEN: Final = "invalid_token"  # noqa: S105 (a decision name)
 CONNECTED: Final = "connected"
 _TIME_FIELDS: Final = ("seen_at", "last_activity_at", "connected_at")
 _STARTED: Final = "_session_started_epoch"  # parsed once per cached entry, never sent out
+_FENCE: Final = "_logged_out_epoch"
 
-REDIS_UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, OSError)
-"""What a Redis call raises when the server is down or unreachable (not a bug of ours)."""
 DB_CONNECTION_ERRORS: Final = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
@@ -62,7 +63,6 @@ DB_CONNECTION_ERRORS: Final = (
 )
 """What PostgreSQL calls raise, besides ``OSError``, when the server is down or restarting."""
 DB_UNAVAILABLE: Final = (OSError, TimeoutError, *DB_CONNECTION_ERRORS)
-REDIS_PROBE_S: Final = 0.5
 
 
 class Denied(SessiondError):
@@ -159,44 +159,32 @@ class AccessControl:
         self.session_max_s = session_max_s or None
         self._decisions = metrics.decisions
         self._cache_hits = metrics.cache
-        self._redis_down = False
-        self._probe: asyncio.Task[None] | None = None
+        self.trust = RedisTrust(cache.client)
 
     @property
     def redis_down(self) -> bool:
-        """True while Redis is bypassed after a failure (until a background ping succeeds)."""
-        return self._redis_down
+        """True while Redis is bypassed after a failure (until it answers and caught up)."""
+        return self.trust.down
+
+    @property
+    def _redis_down(self) -> bool:
+        return self.trust.down
 
     def _redis_failed(self, exc: BaseException) -> None:
-        if not self._redis_down:
-            log.warning(
-                "redis unavailable; deciding from PostgreSQL until it answers",
-                extra={"error": f"{type(exc).__name__}: {str(exc)[:300]}"},
-            )
-        self._redis_down = True
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.get_running_loop().create_task(self._probe_redis(), name="probe")
-
-    async def _probe_redis(self) -> None:
-        while self._redis_down:
-            await asyncio.sleep(REDIS_PROBE_S)
-            try:
-                await self.redis.ping()
-            except Exception as exc:  # still down: keep deciding from PostgreSQL
-                log.debug("redis still unavailable", extra={"error": repr(exc)[:200]})
-                continue
-            self._redis_down = False
-            log.warning("redis available again; cache in use")
+        self.trust.failed(exc)
 
     async def close(self) -> None:
-        await cancel(self._probe)
-        self._probe = None
+        await self.trust.close()
 
-    async def _load(self, user_id: str) -> UserSnapshot | None:
+    async def _load(self, user_id: str, *, refill_cache: bool = False) -> UserSnapshot | None:
+        """The row (``None``: unknown user); ``refill_cache`` on a miss of a usable Redis."""
         try:
-            return await load_snapshot(user_id)
+            snapshot = await load_snapshot(user_id)
         except DB_UNAVAILABLE as exc:
             raise DependencyUnavailable(f"postgres: {type(exc).__name__}") from exc
+        if not refill_cache or snapshot is None:
+            return snapshot
+        return await refill(self.cache, self.trust, snapshot, self._load)
 
     async def _cached(self, user_id: str) -> tuple[bool, bytes | None]:
         """``(usable, raw)``: whether Redis answered, and the cached bytes (``None``: a miss)."""
@@ -208,14 +196,19 @@ class AccessControl:
             self._redis_failed(exc)
             return False, None
 
-    async def _gone(self, user_id: str) -> bool:
-        """On a miss: the newest change Redis saw disconnected the user, so no database query.
-        Unknown when Redis fails: PostgreSQL decides."""
+    async def _gone(self, user_id: str) -> str | None:
+        """On a miss: the newest change Redis saw disconnected the user, so no database query;
+        the refusal's reason then, ``blocked`` when ``storage.block`` mirrors a block there (the
+        same round trip), else ``not_connected``. ``None``: not gone, or unknown when Redis
+        fails (PostgreSQL decides)."""
         try:
-            return await self.cache.is_gone(user_id)
+            gone, blocked = await self.redis.mget([gone_key(user_id), blocked_key(user_id)])
         except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
-            return False
+            return None
+        if gone is None:
+            return None
+        return "blocked" if blocked is not None else "not_connected"
 
     async def authenticate(self, header: str | None, route: str) -> Principal:
         """The token alone (admin routes); a refusal is counted and journaled."""
@@ -256,22 +249,26 @@ class AccessControl:
             if parsed is None:
                 parsed = self._parse(raw)
         else:
-            if usable and await self._gone(user_id):
+            gone = await self._gone(user_id) if usable else None
+            if gone is not None:
                 self._cache_hits.inc("gone")
-                raise self.refuse(principal, route, "not_connected")
+                raise self.refuse(principal, route, gone)
             self._cache_hits.inc("miss" if usable else "bypass")
-            snapshot = await self._load(user_id)
+            snapshot = await self._load(user_id, refill_cache=usable)
             if snapshot is None:
                 raise self.refuse(principal, route, "not_connected")  # unknown user
-            if usable:
-                try:  # version-guarded: never overwrites a newer state
-                    await self.cache.sync(snapshot)
-                except REDIS_UNAVAILABLE as exc:  # PostgreSQL answered; the refill can wait
-                    self._redis_failed(exc)
             parsed = self._parse(snapshot.to_json().encode())
         user, last = parsed
         if user.get("status") != CONNECTED:
-            raise self.refuse(principal, route, "not_connected")
+            raise self.refuse(
+                principal, route, "blocked" if user.get("blocked") else "not_connected"
+            )
+        # After the status: a disconnected user is 403 not_connected whatever the cache path.
+        if predates_fence(principal.claims, user.get(_FENCE), self.tokens.leeway):
+            self._decisions.inc(route, INVALID_TOKEN, "revoked")
+            self.recorder.record(self.clock(), user_id, principal.session_id, INVALID_TOKEN,
+                                 "revoked", route)  # fmt: skip
+            raise TokenError("revoked")
         sid = principal.session_id
         if sid is not None and sid not in user.get("sessions", ()):
             raise self.refuse(principal, route, "session_ended")
@@ -317,6 +314,7 @@ class AccessControl:
         times = [t for t in (_epoch(user.get(name)) for name in _TIME_FIELDS) if t is not None]
         started = ((sid, _epoch(at)) for sid, at in (user.get("session_started") or {}).items())
         user[_STARTED] = {sid: t for sid, t in started if t is not None}
+        user[_FENCE] = _epoch(user.get("logged_out_at"))
         parsed = (user, max(times) if times else None)
         if len(self._parsed) >= 10_000:
             self._parsed.clear()

@@ -24,6 +24,7 @@ from tortoise.exceptions import OperationalError
 from api.access import DB_CONNECTION_ERRORS, AccessControl, Clock
 from api.context import App, AppContext
 from api.errors import JsonErrorHandler
+from api.grpc_authz import GrpcServer
 from api.metrics import Metrics, SharedMetrics
 from api.reconciler import Reconciler
 from api.recorder import Recorder
@@ -142,9 +143,13 @@ async def _open(app: App) -> None:
         ctx.cache,
         ctx.metrics,
         period_s=settings.cache_reconcile_s,
-        window_s=settings.cache_reconcile_window_s,
+        on_unavailable=ctx.access.trust.failed,
     )
+    ctx.access.trust.catch_up = ctx.reconciler.catch_up
     ctx.reconciler.start()
+    if settings.grpc_port is not None:  # last: its calls need everything above
+        ctx.grpc = GrpcServer(ctx, host=settings.api_host, port=settings.grpc_port)
+        await ctx.grpc.start()
 
 
 def _db_unavailable(request: Request, exception: Exception) -> HTTPResponse:
@@ -163,6 +168,9 @@ def _db_operational(request: Request, exception: Exception) -> HTTPResponse:
 
 async def _close(app: App) -> None:
     ctx = app.ctx
+    if ctx.grpc is not None:  # first: its in-flight calls still need Redis and PostgreSQL
+        await ctx.grpc.stop()
+        ctx.grpc = None
     await ctx.reconciler.stop()
     if ctx.shared_metrics is not None:
         await ctx.shared_metrics.stop()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import redis.asyncio as aioredis
 from sanic import Request, Sanic
 from sanic.config import Config
 
 from api.access import AccessControl, Clock
+from api.logout_token import LogoutTokenValidator
 from api.metrics import Metrics, SharedMetrics
 from api.reconciler import Reconciler
 from api.recorder import Recorder
@@ -16,6 +18,9 @@ from api.tokens import TokenValidator
 from sessiond.config import Settings
 from storage.activity import ActivityBuffer
 from storage.cache import Cache
+
+if TYPE_CHECKING:
+    from api.grpc_authz import GrpcServer
 
 
 class AppContext:
@@ -37,6 +42,10 @@ class AppContext:
         self.tokens = tokens
         self.metrics = metrics
         self.shared_metrics: SharedMetrics | None = None
+        self.grpc: GrpcServer | None = None
+        # OIDC back-channel logout (``api.routes.backchannel``): the bearer tokens' JWKS.
+        self.logout_tokens = LogoutTokenValidator(settings, tokens.keys, now=clock)
+        self.logout_tokens.check_configuration()
 
 
 App = Sanic[Config, AppContext]

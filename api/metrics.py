@@ -152,9 +152,17 @@ class Metrics:
             "sessiond_cache_reconciled_total",
             "Cached users evicted by the reconciler because their entry was older than the row.",
         )
+        self.backchannel = Counter(
+            "sessiond_backchannel_logout_total",
+            "OIDC back-channel logout requests by result: ok, or why the token was refused.",
+            ("result",),
+        )
 
     def families(self) -> tuple[Counter | Histogram, ...]:
-        return (self.decisions, self.latency, self.cache, self.errors, self.reconciled)
+        return (
+            self.decisions, self.latency, self.cache, self.errors, self.reconciled,
+            self.backchannel,
+        )  # fmt: skip
 
     def snapshot(self) -> dict[str, list[list[Any]]]:
         """Every family's values as JSON-able ``[labels, value or bucket row]`` pairs."""

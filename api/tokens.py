@@ -43,6 +43,7 @@ REASONS: Final = frozenset(
         "bad_audience",
         "missing_subject",
         "unknown_key",
+        "revoked",
     }
 )
 
@@ -57,6 +58,19 @@ MAX_SUBJECT: Final = 128
 CLAIMS_CACHE_SIZE: Final = 4096
 CLAIMS_CACHE_MAX_TOKEN: Final = 2048
 CLAIMS_CACHE_MAX_AGE_S: Final = 60.0
+
+
+def predates_fence(claims: dict[str, Any], fence: float | None, leeway: float) -> bool:
+    """The token fence (CONTRACT §8): True when the user logged out everywhere after this token
+    was issued, beyond the leeway, so it stays refused (401 ``revoked``) even once the user is
+    connected again. A token without a numeric ``iat`` cannot show it was issued after the
+    logout: refused too, but only for a user who has a fence (anyone else's tokens need none)."""
+    if fence is None:
+        return False
+    iat = claims.get("iat")
+    if isinstance(iat, bool) or not isinstance(iat, int | float):
+        return True
+    return float(iat) < fence - leeway
 
 
 class TokenError(SessiondError):

@@ -14,6 +14,10 @@ from sessiond.config import Settings
 
 log = logging.getLogger(__name__)
 
+INGEST_QUEUE_ARGUMENTS: dict[str, Any] = {"x-single-active-consumer": True}
+"""Both ingest queues (auth and Keycloak): one consumer at a time reads them, so the stamps given
+to events without a time of their own follow queue order (``sessiond.stamps``)."""
+
 
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
@@ -77,6 +81,6 @@ def declare_topology(channel: Any, settings: Settings) -> None:
     run once, whatever starts first.
     """
     channel.exchange_declare(settings.events_exchange, exchange_type="topic", durable=True)
-    channel.queue_declare(settings.ingest_queue, durable=True)
+    channel.queue_declare(settings.ingest_queue, durable=True, arguments=INGEST_QUEUE_ARGUMENTS)
     channel.queue_bind(settings.ingest_queue, settings.events_exchange, routing_key="#")
     channel.queue_declare(settings.dead_letter_queue, durable=True)

@@ -305,7 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stack-down", action="store_true", help="stop the servers on exit too")
     r.set_defaults(func=cmd_run)
 
-    d = sub.add_parser("dlq", help="dead-lettered events")
+    d = sub.add_parser(
+        "dlq",
+        help="dead-lettered events",
+        description="list: one JSON line per dead letter (nothing consumed). replay: publish "
+        "them again where they came from, each with the stamps the ingress first gave it, so "
+        "a replayed event is never later than its first receipt and a replay of an applied "
+        "event is a no-op.",
+    )
     d.add_argument("action", choices=["list", "replay"])
     d.add_argument("--limit", type=int, default=None)
     d.add_argument("--reason", help="replay only letters with this reason")

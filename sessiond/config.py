@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"  # noqa: S105 - refused in production
+MIN_HMAC_SECRET_BYTES = 32
 
 
 class Settings(BaseSettings):
@@ -37,7 +38,9 @@ class Settings(BaseSettings):
 
     # Events in (CONTRACT §1, §7).
     events_exchange: str = "auth.events"
-    ingest_queue: str = "sessiond.ingest"
+    # Versioned: a single active consumer cannot be added to an existing queue; sessiond drains
+    # the unversioned queue of older releases into these (``actors.topology``).
+    ingest_queue: str = "sessiond.ingest.v2"
     dead_letter_queue: str = "sessiond.dead-letter"
     partitions: int = Field(default=8, ge=1, le=1024)
     max_event_bytes: int = 64 * 1024
@@ -53,7 +56,7 @@ class Settings(BaseSettings):
     keycloak_exchange: str | None = None
     # Client events and (CONTRACT §8) admin events: revocations by a Keycloak administrator.
     keycloak_routing_keys: str = "KK.EVENT.CLIENT.#,KK.EVENT.ADMIN.#"
-    keycloak_queue: str = "sessiond.keycloak"
+    keycloak_queue: str = "sessiond.keycloak.v2"
     # Keycloak client event types counted as activity of their session (comma-separated; only
     # ``REFRESH_TOKEN`` and ``CODE_TO_TOKEN`` are allowed). Empty: off.
     keycloak_activity_events: str = ""
@@ -67,9 +70,9 @@ class Settings(BaseSettings):
     # Timing (CONTRACT §3).
     idle_timeout_s: int = Field(default=1800, ge=1)
     cache_ttl_s: int = Field(default=3600, ge=1)
-    # The API's cache reconciler (``storage.reconcile``): period (0 = off) and look-back window.
+    # The API's cache reconciler (``storage.reconcile``): period of its turns (0 = off; the API
+    # still catches up before trusting a Redis that failed).
     cache_reconcile_s: float = Field(default=2.0, ge=0)
-    cache_reconcile_window_s: float = Field(default=10.0, gt=0)
     activity_flush_s: float = Field(default=5.0, gt=0)
     expiry_period_s: float = Field(default=60.0, gt=0)
     expiry_batch_size: int = Field(default=5000, ge=1)
@@ -98,6 +101,10 @@ class Settings(BaseSettings):
     # Where the API's Sanic workers share their metrics; unset: a fresh temporary directory per
     # start of the main process (set it to put that directory on a volume of your choice).
     metrics_dir: str | None = None
+    # Envoy ext_authz over gRPC and grpc.health.v1 in every API process (CONTRACT §9); unset: off.
+    grpc_port: int | None = Field(default=None, ge=1, le=65535)
+    # RFC 7662 introspection callers, "id:secret,id2:secret2" (CONTRACT §9); unset: Basic is off.
+    introspection_clients: str | None = None
 
     @field_validator("amqp_url")
     @classmethod
@@ -123,13 +130,27 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _no_placeholder_secret_in_production(self) -> Settings:
-        if (
-            self.env == "production"
-            and self.jwt_secret == PLACEHOLDER_SECRET
-            and not (self.jwks_url or self.jwks_file)
-        ):
-            raise ValueError("set SESSIOND_JWT_SECRET (or a JWKS) in production")
+    def _no_weak_hmac_secret_outside_development(self) -> Settings:
+        """Whoever knows an HMAC secret can mint any token, admin ones included: outside
+        development, accepting any ``HS*`` algorithm needs a real secret of at least 32 bytes
+        (RFC 7518 §3.2: at least the hash's size), whatever else is configured (a JWKS beside it
+        does not make the placeholder any less public)."""
+        if self.env == "development":
+            return self
+        hmac = [a for a in self.algorithms if a.upper().startswith("HS")]
+        if not hmac:
+            return self
+        if self.jwt_secret == PLACEHOLDER_SECRET:
+            raise ValueError(
+                f"SESSIOND_JWT_SECRET is the public placeholder while SESSIOND_JWT_ALGORITHMS "
+                f"accepts {','.join(hmac)} (SESSIOND_ENV={self.env}): set a secret of at least "
+                f"{MIN_HMAC_SECRET_BYTES} bytes, or drop HS* from SESSIOND_JWT_ALGORITHMS"
+            )
+        if len(self.jwt_secret.encode("utf-8")) < MIN_HMAC_SECRET_BYTES:
+            raise ValueError(
+                f"SESSIOND_JWT_SECRET is shorter than {MIN_HMAC_SECRET_BYTES} bytes while "
+                f"SESSIOND_JWT_ALGORITHMS accepts {','.join(hmac)} (SESSIOND_ENV={self.env})"
+            )
         return self
 
     @property
@@ -143,6 +164,25 @@ class Settings(BaseSettings):
     @property
     def backchannel_audiences(self) -> list[str]:
         return [a.strip() for a in (self.backchannel_audience or "").split(",") if a.strip()]
+
+    @property
+    def introspection_credentials(self) -> dict[str, str]:
+        """``SESSIOND_INTROSPECTION_CLIENTS`` as ``{client_id: secret}``."""
+        clients: dict[str, str] = {}
+        for item in (self.introspection_clients or "").split(","):
+            client_id, _, secret = item.strip().partition(":")
+            if client_id:
+                clients[client_id] = secret
+        return clients
+
+    @field_validator("introspection_clients")
+    @classmethod
+    def _clients_form(cls, value: str | None) -> str | None:
+        for item in (value or "").split(","):
+            client_id, sep, secret = item.strip().partition(":")
+            if item.strip() and not (client_id and sep and secret):
+                raise ValueError("SESSIOND_INTROSPECTION_CLIENTS must be comma-separated id:secret")
+        return value
 
     @property
     def algorithms(self) -> list[str]:

@@ -15,8 +15,9 @@ from typing import Any, Literal
 
 from sessiond.errors import InvalidEvent
 
-EventKind = Literal["connected", "disconnected", "activity"]
-# What the auth service may publish (CONTRACT §1); ``activity`` comes from Keycloak only.
+EventKind = Literal["connected", "disconnected", "activity", "blocked", "unblocked"]
+# What the auth service may publish (CONTRACT §1); the others come from Keycloak only
+# (``activity``: a token refresh; ``blocked``/``unblocked``: a user deleted, disabled, enabled).
 KINDS: tuple[EventKind, ...] = ("connected", "disconnected")
 Lookup = Literal["session", "realm"]
 """How a revocation names its target when the source does not know the user: ``session`` (the
@@ -27,6 +28,7 @@ MAX_SESSION_ID = 128
 MAX_EVENT_ID = 200
 MAX_NAME = 256
 MAX_EMAIL = 320
+MAX_DEDUP_KEY = 300  # processed_events.key
 # Events stamped in the future (publisher clock ahead) are clamped to the receive time, so that a
 # skewed clock can never fence off every later event of a session.
 FUTURE_SKEW = timedelta(seconds=0)
@@ -50,9 +52,10 @@ class Event:
     lookup: Lookup | None = None
 
     def dedup_key(self) -> str:
-        """Publisher ids are namespaced by source; without one, identical content is a duplicate."""
+        """Scoped to the source and the user: publisher ids are unique per user at most (user B's
+        ``event_id`` 7 is not user A's); without one, identical content is a duplicate."""
         if self.event_id is not None:
-            return f"{self.source}:id:{self.event_id}"
+            return dedup_key_for(self.source, self.user_id, self.event_id)
         parts = [self.kind, self.user_id, self.session_id or "", self.occurred_at.isoformat()]
         if self.reason is not None:  # only then: the keys of plain events stay what they were
             parts.append(self.reason)
@@ -75,6 +78,17 @@ class Event:
         fields = dict(data)
         fields["occurred_at"] = datetime.fromisoformat(fields["occurred_at"])
         return cls(**fields)
+
+
+def dedup_key_for(source: str, user_id: str, event_id: str) -> str:
+    """The de-duplication key of a publisher's ``event_id``: readable while it fits the ledger's
+    300 characters (the user id's length first, so ``a:b``+``c`` and ``a``+``b:c`` differ),
+    else a hash in a namespace of its own."""
+    key = f"{source}:id:{len(user_id)}:{user_id}:{event_id}"
+    if len(key) <= MAX_DEDUP_KEY:
+        return key
+    digest = hashlib.blake2b(f"{user_id}\x1f{event_id}".encode(), digest_size=16).hexdigest()
+    return f"{source}:idh:{digest}"
 
 
 def text_field(

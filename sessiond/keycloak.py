@@ -13,13 +13,19 @@ Mapping:
 - ``LOGIN`` → ``connected`` of session ``sessionId`` of user ``userId`` at ``time`` (epoch ms),
   with ``ipAddress`` and ``details.username`` (as the name) / ``details.email`` when present;
 - ``LOGOUT`` → ``disconnected`` of that session;
+- ``USER_SESSION_DELETED`` (Keycloak 26.5+: Keycloak removed the session, e.g. expired) →
+  ``disconnected`` of that session, reason ``idp_expired`` (CONTRACT §8);
+- ``REFRESH_TOKEN`` / ``CODE_TO_TOKEN`` when listed in ``SESSIOND_KEYCLOAK_ACTIVITY_EVENTS`` →
+  ``activity`` of the user;
+- admin events (``KK.EVENT.ADMIN.…``, ``EventAdminNotificationMqMsg``): ``sessiond.keycloak_admin``;
 - any other type (``CODE_TO_TOKEN``, ``REFRESH_TOKEN``, ``LOGIN_ERROR``...) and any failure (an
   ``error`` field, or ``.ERROR.`` in the routing key) → ``None``: acknowledged, counted, ignored.
   A failure never starts (nor ends) a session;
 - anything malformed → ``InvalidEvent`` with a stable reason (dead-lettered).
 
 Events carry ``source="keycloak"``, so their de-duplication keys live in their own namespace: the
-plugin's ``id`` (Keycloak 22+) when present, else a hash of kind, user, session and time.
+plugin's ``id`` (Keycloak 22+) with the user when present, else a hash of kind, user, session
+and time.
 """
 
 from __future__ import annotations
@@ -89,7 +95,11 @@ def _time(value: Any, received_at: datetime) -> datetime:
         return received_at
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidEvent("invalid_occurred_at", "time must be epoch milliseconds")
-    return parse_time(value / 1000, received_at=received_at)
+    try:
+        seconds = value / 1000  # an integer too large for a float overflows here
+    except OverflowError as exc:
+        raise InvalidEvent("invalid_occurred_at", str(exc)[:200]) from None
+    return parse_time(seconds, received_at=received_at)
 
 
 class KeycloakDecoder:

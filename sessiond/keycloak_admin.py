@@ -21,10 +21,11 @@ when the realm includes representations. What Keycloak's admin REST resources se
   session ends, its owner looked up (``idp_admin``);
 - ``UserResource.logout``: ``USER``/``ACTION``, ``users/<id>/logout``: all the user's sessions
   end (``idp_admin``);
-- ``UserResource.deleteUser``: ``USER``/``DELETE``, ``users/<id>``: all end
-  (``idp_user_deleted``);
-- ``UserResource.updateUser``: ``USER``/``UPDATE``, ``users/<id>``: all end when the
-  representation (the request's body) says ``"enabled": false`` (``idp_user_disabled``);
+- ``UserResource.deleteUser``: ``USER``/``DELETE``, ``users/<id>``: the user is blocked
+  (``storage.block``: all sessions end, later logins refused; ``idp_user_deleted``);
+- ``UserResource.updateUser``: ``USER``/``UPDATE``, ``users/<id>``: blocked when the
+  representation (the request's body) says ``"enabled": false`` (``idp_user_disabled``), and
+  that block lifted when it says ``"enabled": true``;
 - ``RealmAdminResource.logoutAll``: ``REALM``/``ACTION``, ``logout-all``: every user with an
   open Keycloak session is logged out (``idp_admin``).
 
@@ -42,7 +43,15 @@ from datetime import datetime
 from typing import Any, Final
 
 from sessiond.errors import InvalidEvent
-from sessiond.events import MAX_EVENT_ID, MAX_SESSION_ID, MAX_USER_ID, Event, parse_time, text_field
+from sessiond.events import (
+    MAX_EVENT_ID,
+    MAX_SESSION_ID,
+    MAX_USER_ID,
+    Event,
+    EventKind,
+    parse_time,
+    text_field,
+)
 
 SOURCE: Final = "keycloak"
 ADMIN_PREFIX: Final = "KK.EVENT.ADMIN."
@@ -141,10 +150,12 @@ def decode_admin(
     path = (path or "").strip("/")
     realm = obj.get("realmId") if isinstance(obj.get("realmId"), str) else None
 
-    def ends(user_id: str, reason: str, **extra: Any) -> tuple[str, Event]:
+    def ends(
+        user_id: str, reason: str, kind: EventKind = "disconnected", **extra: Any
+    ) -> tuple[str, Event | None]:
         return label, Event(
-            kind="disconnected", user_id=user_id, occurred_at=at, event_id=event_id,
-            source=SOURCE, reason=reason, **extra,
+            kind=kind, user_id=user_id, occurred_at=at, event_id=event_id, source=SOURCE,
+            reason=reason, **extra,
         )  # fmt: skip
 
     if resource == "USER_SESSION" and operation == "DELETE":
@@ -160,10 +171,13 @@ def decode_admin(
         if user_id is None:
             return f"ignored:{label}", None  # e.g. users/<id>/role-mappings/...
         if operation == "DELETE":
-            return ends(user_id, IDP_USER_DELETED)
+            return ends(user_id, IDP_USER_DELETED, "blocked")
         rep = representation(obj)
         if rep is not None and rep.get("enabled") is False:
-            return ends(user_id, IDP_USER_DISABLED)
+            return ends(user_id, IDP_USER_DISABLED, "blocked")
+        if rep is not None and rep.get("enabled") is True:
+            # Lifts only a block of Keycloak's own making (``storage.block``).
+            return ends(user_id, IDP_USER_DISABLED, "unblocked")
         return f"ignored:{label}", None
     if resource == "REALM" and operation == "ACTION" and path == LOGOUT_ALL_PATH:
         return ends(lookup_user_id(realm), IDP_ADMIN, lookup="realm")

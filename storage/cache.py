@@ -48,6 +48,10 @@ class UserSnapshot:
     connected_at: datetime | None = None
     seen_at: datetime | None = None
     last_activity_at: datetime | None = None
+    # The user's newest "logged out everywhere": tokens issued before it are revoked (the fence).
+    logged_out_at: datetime | None = None
+    # Blocked (``storage.block``): the API answers 403 ``blocked`` instead of ``not_connected``.
+    blocked: bool = False
 
     @property
     def connected(self) -> bool:
@@ -69,13 +73,15 @@ class UserSnapshot:
             "connected_at": iso(self.connected_at),
             "seen_at": iso(self.seen_at),
             "last_activity_at": iso(self.last_activity_at),
+            "logged_out_at": iso(self.logged_out_at),
+            "blocked": self.blocked,
         }
         return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> UserSnapshot:
         data: dict[str, Any] = json.loads(raw)
-        for key in ("connected_at", "seen_at", "last_activity_at"):
+        for key in ("connected_at", "seen_at", "last_activity_at", "logged_out_at"):
             if data.get(key):
                 data[key] = datetime.fromisoformat(data[key])
         started = data.get("session_started") or {}  # absent in entries cached by 0.1.0
@@ -127,6 +133,118 @@ return done
 """
 EVICT_CHUNK = 1000  # keeps each script run to a few milliseconds of Redis time
 
+# A refill after a miss (the API): ``_SYNC``'s guard, but a refusal answers the version Redis has
+# seen, so the caller can tell a read that a newer commit overtook from a PostgreSQL that went
+# backwards. KEYS/ARGV as ``_SYNC``; returns -1 when written.
+_REFILL = """
+local cur = tonumber(redis.call('GET', KEYS[2]) or '-1')
+local v = tonumber(ARGV[1])
+if v < cur then return cur end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[3]) * 2)
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('SET', KEYS[3], ARGV[1], 'EX', tonumber(ARGV[3]))
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
+  redis.call('DEL', KEYS[3])
+end
+return -1
+"""
+
+# The reconciler's comparison with PostgreSQL (``storage.reconcile``). KEYS: (user, version,
+# gone) key triples; ARGV: the TTL, then per user its row version and whether it is connected.
+# Older than the row: evicted (gone mark as the row says). At the row's version: left alone,
+# unless the row is disconnected and an entry is there anyway. Newer than the row: not touched
+# here, reported (position, cached version) for ``_RESET`` once PostgreSQL was read again.
+# Returns {evicted, position, cached version, ...}.
+_RECONCILE = """
+local ttl = tonumber(ARGV[1])
+local evicted = 0
+local out = {0}
+for i = 1, #KEYS, 3 do
+  local n = (i + 2) / 3
+  local v = tonumber(ARGV[2 * n])
+  local connected = ARGV[2 * n + 1] == '1'
+  local cur = tonumber(redis.call('GET', KEYS[i + 1]) or '-1')
+  if cur < v then
+    local was = redis.call('DEL', KEYS[i])
+    redis.call('SET', KEYS[i + 1], v, 'EX', ttl * 2)
+    if connected then
+      was = was + redis.call('DEL', KEYS[i + 2])
+    else
+      redis.call('SET', KEYS[i + 2], v, 'EX', ttl)
+    end
+    if was > 0 then evicted = evicted + 1 end
+  elseif cur == v then
+    if not connected then evicted = evicted + redis.call('DEL', KEYS[i]) end
+  else
+    out[#out + 1] = n
+    out[#out + 1] = cur
+  end
+end
+out[1] = evicted
+return out
+"""
+
+# Versions that went backwards (PostgreSQL restored or failed over): Redis has seen a version
+# PostgreSQL no longer has. Compare-and-set on the cached version: only if Redis still holds
+# the version that was found newer, the entry goes and the version drops to the row's (-1: no
+# such user any more, every key goes). KEYS: key triples; ARGV: the TTL, then per user the
+# cached version expected, the row version and whether it is connected. Returns how many reset.
+_RESET = """
+local ttl = tonumber(ARGV[1])
+local done = 0
+for i = 1, #KEYS, 3 do
+  local n = (i + 2) / 3
+  local expected = tonumber(ARGV[3 * n - 1])
+  local v = tonumber(ARGV[3 * n])
+  local cur = tonumber(redis.call('GET', KEYS[i + 1]) or '-1')
+  if cur == expected then
+    redis.call('DEL', KEYS[i])
+    if v < 0 then
+      redis.call('DEL', KEYS[i + 1], KEYS[i + 2])
+    else
+      redis.call('SET', KEYS[i + 1], v, 'EX', ttl * 2)
+      if ARGV[3 * n + 1] == '1' then
+        redis.call('DEL', KEYS[i + 2])
+      else
+        redis.call('SET', KEYS[i + 2], v, 'EX', ttl)
+      end
+    end
+    done = done + 1
+  end
+end
+return done
+"""
+
+# The reconciler's mark (``storage.reconcile``): KEYS[1]; ARGV the position and 1 to set it
+# whatever it was (after a full comparison), 0 to only move it forward.
+_MARK = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[2] == '1' or not cur or tonumber(cur) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class RowState:
+    """A user as PostgreSQL has it, for the reconciler; ``version`` -1: no such user."""
+
+    user_id: str
+    version: int
+    connected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Ahead:
+    """A cached entry whose version is newer than the row PostgreSQL answered with."""
+
+    user_id: str
+    cached: int
+
 
 def connect(settings: Settings) -> aioredis.Redis:
     """A pooled client; ``rediss://`` URLs verify the server against ``SESSIOND_REDIS_CA_FILE``."""
@@ -144,6 +262,10 @@ class Cache:
         self.ttl_s = ttl_s
         self._sync = client.register_script(_SYNC)
         self._evict_many = client.register_script(_EVICT_MANY)
+        self._refill = client.register_script(_REFILL)
+        self._reconcile = client.register_script(_RECONCILE)
+        self._reset = client.register_script(_RESET)
+        self._mark = client.register_script(_MARK)
 
     async def sync(self, snapshot: UserSnapshot) -> bool:
         """Writes (connected) or evicts (otherwise) ``user:<id>``; False if a newer one is there."""
@@ -177,6 +299,51 @@ class Cache:
                 args.append(version)
             done += int(await self._evict_many(keys=keys, args=args))
         return done
+
+    async def refill(self, snapshot: UserSnapshot) -> int | None:
+        """``sync`` for the API's refill after a miss: ``None`` when written, else the newer
+        version Redis has seen (the caller's read is stale, or PostgreSQL went backwards)."""
+        payload = snapshot.to_json() if snapshot.connected else ""
+        uid = snapshot.user_id
+        keys = [user_key(uid), version_key(uid), gone_key(uid)]
+        cur = int(await self._refill(keys=keys, args=[snapshot.version, payload, self.ttl_s]))
+        return None if cur < 0 else cur
+
+    async def reconcile(self, rows: Sequence[RowState]) -> tuple[int, list[Ahead]]:
+        """Compares the cached versions with these rows (``_RECONCILE``): returns how many
+        stale entries were evicted and the users whose cached version is newer than the row."""
+        evicted, ahead = 0, []
+        for start in range(0, len(rows), EVICT_CHUNK):
+            chunk = rows[start : start + EVICT_CHUNK]
+            keys: list[str] = []
+            args: list[int] = [self.ttl_s]
+            for row in chunk:
+                keys += [user_key(row.user_id), version_key(row.user_id), gone_key(row.user_id)]
+                args += [row.version, 1 if row.connected else 0]
+            out = [int(x) for x in await self._reconcile(keys=keys, args=args)]
+            evicted += out[0]
+            ahead += [
+                Ahead(chunk[n - 1].user_id, cur)
+                for n, cur in zip(out[1::2], out[2::2], strict=True)
+            ]
+        return evicted, ahead
+
+    async def reset(self, found: Sequence[tuple[Ahead, RowState]]) -> int:
+        """Brings entries newer than their row back to the row (``_RESET``), each only if Redis
+        still holds the version that was found newer; returns how many were reset."""
+        done = 0
+        for start in range(0, len(found), EVICT_CHUNK):
+            keys: list[str] = []
+            args: list[int] = [self.ttl_s]
+            for ahead, row in found[start : start + EVICT_CHUNK]:
+                keys += [user_key(row.user_id), version_key(row.user_id), gone_key(row.user_id)]
+                args += [ahead.cached, row.version, 1 if row.connected else 0]
+            done += int(await self._reset(keys=keys, args=args))
+        return done
+
+    async def mark(self, key: str, position: int, *, force: bool) -> None:
+        """Moves the reconciler's mark forward (``force``: sets it, even backwards)."""
+        await self._mark(keys=[key], args=[position, 1 if force else 0])
 
     async def is_gone(self, user_id: str) -> bool:
         """The newest change Redis saw disconnected the user (see ``gone_key``)."""

@@ -1,17 +1,22 @@
-"""The idle expiry sweep: connected users silent for longer than the idle timeout are disconnected.
+"""The expiry sweep: connected users silent for longer than the idle timeout are disconnected,
+and sessions past their absolute lifetime end.
 
-Candidates come from the partial index ``users_idle_idx`` (``seen_at`` of connected users) in
+The sweep's SQL only selects candidates; the session rules (``storage.rules``: ``is_idle``,
+``past_lifetime``, ``State.expire_idle``, ``State.expire_lifetime``) decide on the locked rows
+and the unit of work (``storage.unit_of_work``) writes what they changed, as for an event or an
+admin decision: one state machine, one writer of each row.
+
+Idle candidates come from the partial index ``users_idle_idx`` (``seen_at`` of connected users) in
 bounded batches, walked with a keyset on ``(seen_at, id)``. Each batch is one short transaction:
 
-1. ``SELECT … FOR UPDATE SKIP LOCKED`` locks the batch; PostgreSQL re-checks the condition on the
-   newest row version, and rows busy in another transaction (an event being applied) are left for
-   the next sweep rather than waited for.
+1. The batch's users are locked with ``FOR UPDATE SKIP LOCKED``: rows busy in another transaction
+   (an event being applied) are left for the next sweep rather than waited for.
 2. Pending activity still in Redis is consulted for the locked users: anyone active within the
    timeout is spared and that activity is written to their row at once.
-3. Set-based statements end the others' sessions (reason ``idle_timeout``), journal one
-   ``expired`` audit row per ended session (one per user without an open session), write their
-   ``session.ended`` and ``user.disconnected`` events to the outbox (``storage.outbox``), and mark
-   the users disconnected with a bumped ``version``.
+3. The rules end the others' sessions (reason ``idle_timeout``), journal one ``expired`` audit row
+   per ended session (one per user without an open session), write their ``session.ended`` and
+   ``user.disconnected`` events to the outbox (``storage.outbox``), and mark the users
+   disconnected with a bumped ``version``.
 
 With ``SESSIOND_SESSION_MAX_S``, a second pass ends open sessions older than that (reason
 ``max_lifetime``) in the same way, user batch by user batch; a user keeps connected while another
@@ -26,10 +31,13 @@ The sweep begins with a flush and holds the activity lock (``storage.flush``) to
 request's time is always in PostgreSQL or still in the live ``activity`` hash (the flush deletes an
 entry only after its row is committed), and each batch reads the hash with one ``HMGET`` after
 locking its rows: a user active a second ago is never expired.
+
+A dry run loads the same rows without locking them and runs the same rules, then saves nothing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -37,7 +45,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tortoise.backends.base.client import BaseDBAsyncClient
 from tortoise.transactions import in_transaction
 
 from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
@@ -50,16 +57,24 @@ from storage.flush import (
     release,
     write_activity,
 )
-from storage.models import CONNECTED, DISCONNECTED, ENDED
+from storage.journal import Journal
+from storage.models import CONNECTED
+from storage.rows import EXPIRED as KIND
+from storage.rows import EXPIRY_SOURCE as SOURCE
+from storage.rows import IDLE_REASON as REASON
+from storage.rows import LIFETIME_REASON
+from storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
-REASON = "idle_timeout"
-KIND = "expired"
-SOURCE = "expiry"
 NEVER = datetime(1, 1, 1, tzinfo=UTC)
 SAMPLE = 100  # expired user ids a real sweep reports (a dry run reports them all)
+# The rules run on the worker's shared event loop: a 5,000-user batch yields to the actors
+# applying events every few hundred users instead of holding the loop for its whole CPU time.
+YIELD_EVERY = 250
+__all__ = ["KIND", "LIFETIME_REASON", "REASON", "SOURCE", "SweepResult", "sweep"]
 
+# Idle candidates: a superset is harmless (the rules decide on the locked rows), a miss is not.
 _CANDIDATES = """
 SELECT id, seen_at FROM users
 WHERE status = $1 AND seen_at < $2 AND (seen_at, id) > ($3, $4)
@@ -67,103 +82,12 @@ ORDER BY seen_at, id
 LIMIT $5
 """
 
-_END_SESSIONS = """
-WITH ended AS (
-    UPDATE sessions s
-    SET status = $3, ended_at = $2, end_reason = $4, last_event_at = GREATEST(s.last_event_at, $2)
-    WHERE s.user_id = ANY($1::text[]) AND s.status = $5
-    RETURNING s.user_id, s.session_id, s.started_at, s.id
-), events AS (
-    INSERT INTO outbox (created_at, type, event_id, user_id, session_id, reason, occurred_at)
-    SELECT now(), x.type, gen_random_uuid(), x.user_id, x.session_id, $4, $2 FROM (
-        SELECT e.user_id, NULLIF(e.session_id, '') AS session_id, 'session.ended'::text AS type,
-               0 AS ord, e.started_at, e.id
-        FROM ended e
-        UNION ALL
-        SELECT u.id, NULL, 'user.disconnected', 1, NULL, NULL FROM unnest($1::text[]) AS u(id)
-    ) x
-    ORDER BY x.user_id, x.ord, x.started_at, x.id
-    RETURNING 1
-), journal AS (
-    INSERT INTO audit_events (at, occurred_at, user_id, session_id, kind, reason, source, detail)
-    SELECT now(), $2, e.user_id, NULLIF(e.session_id, ''), $6, $4, $7,
-           jsonb_build_object('seen_at', u.seen_at, 'idle_timeout_s', $8::int)
-    FROM ended e JOIN users u ON u.id = e.user_id
-    UNION ALL
-    SELECT now(), $2, u.id, NULL, $6, $4, $7,
-           jsonb_build_object('seen_at', u.seen_at, 'idle_timeout_s', $8::int)
-    FROM users u
-    WHERE u.id = ANY($1::text[]) AND NOT EXISTS (SELECT 1 FROM ended e WHERE e.user_id = u.id)
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM ended) AS sessions, (SELECT count(*) FROM journal) AS journaled,
-       (SELECT count(*) FROM events) AS events
-"""
-
-_DISCONNECT = """
-UPDATE users
-SET status = $3, disconnected_at = $2, version = version + 1, updated_at = now()
-WHERE id = ANY($1::text[])
-RETURNING id, version
-"""
-
-# Absolute lifetime (``SESSIOND_SESSION_MAX_S``): users holding an open session started before the
-# cutoff, walked by user id; each batch locks its users like the idle sweep does.
+# Lifetime candidates: users holding an open session started before the cutoff, by user id.
 _LIFETIME_CANDIDATES = """
 SELECT DISTINCT user_id FROM sessions
 WHERE status = $1 AND started_at < $2 AND user_id > $3
 ORDER BY user_id
 LIMIT $4
-"""
-
-_LOCK_USERS = """
-SELECT id FROM users WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE SKIP LOCKED
-"""
-
-_END_OLD_SESSIONS = """
-WITH ended AS (
-    UPDATE sessions s
-    SET status = $3, ended_at = $2, end_reason = $4, last_event_at = GREATEST(s.last_event_at, $2)
-    WHERE s.user_id = ANY($1::text[]) AND s.status = $5 AND s.started_at < $6
-    RETURNING s.user_id, s.session_id, s.started_at, s.id
-), events AS (
-    INSERT INTO outbox (created_at, type, event_id, user_id, session_id, reason, occurred_at)
-    SELECT now(), 'session.ended', gen_random_uuid(), e.user_id, NULLIF(e.session_id, ''), $4, $2
-    FROM ended e
-    ORDER BY e.user_id, e.started_at, e.id
-    RETURNING 1
-), journal AS (
-    INSERT INTO audit_events (at, occurred_at, user_id, session_id, kind, reason, source, detail)
-    SELECT now(), $2, e.user_id, NULLIF(e.session_id, ''), $7, $4, $8,
-           jsonb_build_object('started_at', e.started_at, 'session_max_s', $9::int)
-    FROM ended e
-    RETURNING 1
-)
-SELECT user_id, count(*) AS n FROM ended GROUP BY user_id
-"""
-
-# After the sessions ended: users left without an open session are disconnected, every touched
-# user gets a new version (their cached session list changed).
-_SETTLE = """
-UPDATE users u
-SET status = CASE WHEN o.open THEN u.status ELSE $3 END,
-    disconnected_at = CASE WHEN o.open THEN u.disconnected_at ELSE $2 END,
-    version = u.version + 1, updated_at = now()
-FROM (
-    SELECT x.id, EXISTS (
-        SELECT 1 FROM sessions s WHERE s.user_id = x.id AND s.status = $4
-    ) AS open
-    FROM unnest($1::text[]) AS x(id)
-) o
-WHERE u.id = o.id
-RETURNING u.id, u.version, u.status
-"""
-
-_USERS_DISCONNECTED = """
-INSERT INTO outbox (created_at, type, event_id, user_id, session_id, reason, occurred_at)
-SELECT now(), 'user.disconnected', gen_random_uuid(), x.id, NULL, $2, $3
-FROM unnest($1::text[]) AS x(id)
-ORDER BY x.id
 """
 
 
@@ -207,14 +131,11 @@ async def _evict(cache: Cache, rows: Sequence[dict[str, Any]]) -> int:
     return evicted + await cache.evict_many(kept, disconnected=False)
 
 
-async def _expire_batch(
-    db: BaseDBAsyncClient, ids: list[str], *, now: datetime, idle_timeout_s: int
-) -> tuple[int, list[dict[str, Any]]]:
-    counts = await db.execute_query_dict(
-        _END_SESSIONS, [ids, now, ENDED, REASON, CONNECTED, KIND, SOURCE, idle_timeout_s]
-    )
-    rows = await db.execute_query_dict(_DISCONNECT, [ids, now, DISCONNECTED])
-    return int(counts[0]["sessions"]), rows
+def _settled(work: UnitOfWork, user_ids: Sequence[str]) -> list[dict[str, Any]]:
+    return [
+        {"id": u, "version": work.users[u]["version"], "status": work.users[u]["status"]}
+        for u in user_ids
+    ]
 
 
 async def sweep(
@@ -280,42 +201,52 @@ async def _batch(
 ) -> tuple[bool, tuple[datetime, str]]:
     """One batch; returns (no more candidates, keyset position)."""
     params = [CONNECTED, cutoff, last[0], last[1], batch_size]
-    expired: list[dict[str, Any]] = []
+    idle: list[str] = []
+    active: dict[str, float] = {}
     async with in_transaction() as tx:
-        query = _CANDIDATES if dry_run else _CANDIDATES + " FOR UPDATE SKIP LOCKED"
-        rows = await tx.execute_query_dict(query, params)
+        rows = await tx.execute_query_dict(_CANDIDATES, params)
         if not rows:
             return True, last
-        ids = [str(r["id"]) for r in rows]
+        work = UnitOfWork(tx, Journal())
+        held = set(await work.load([str(r["id"]) for r in rows], create=False, lock=_lock(dry_run)))
+        ids = [str(r["id"]) for r in rows if str(r["id"]) in held]
         pending = await _pending(buffer, ids)
-        cutoff_ts = cutoff.timestamp()
-        active = {uid: ts for uid, ts in pending.items() if ts >= cutoff_ts}
-        idle = [uid for uid in ids if uid not in active]
-        if dry_run:
-            result.users.extend(idle)
-        else:
+        for n, uid in enumerate(ids):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+            at = pending.get(uid)
+            when = datetime.fromtimestamp(at, tz=UTC) if at is not None else None
+            ended = work.expire_idle(
+                uid, now=now, idle_timeout_s=idle_timeout_s, pending=when, commit=not dry_run
+            )
+            if ended is not None:
+                idle.append(uid)
+                result.sessions_ended += 0 if dry_run else len(ended)
+            elif at is not None and at >= cutoff.timestamp():
+                active[uid] = at
+        if not dry_run:
             if active:
                 entries = [(u, datetime.fromtimestamp(t, tz=UTC)) for u, t in active.items()]
                 await write_activity(tx, entries)
-            if idle:
-                ended, expired = await _expire_batch(
-                    tx, idle, now=now, idle_timeout_s=idle_timeout_s
-                )
-                result.sessions_ended += ended
-    if expired:
-        result.evicted += await _evict(cache, expired)
+            await work.save()
+    if dry_run:
+        result.users.extend(idle)
+    elif idle:
+        result.evicted += await _evict(cache, _settled(work, idle))
         room = SAMPLE - len(result.users)
         if room > 0:
-            result.users.extend(str(r["id"]) for r in expired[:room])
+            result.users.extend(idle[:room])
     result.examined += len(rows)
-    result.expired += len(expired) if not dry_run else len(idle)
+    result.expired += len(idle)
     result.spared += len(active)
     result.batches += 1
     tail = rows[-1]
     return len(rows) < batch_size, (tail["seen_at"], str(tail["id"]))
 
 
-LIFETIME_REASON = "max_lifetime"
+def _lock(dry_run: bool) -> str:
+    """A dry run holds nothing; a real one skips users busy in another transaction."""
+    return "none" if dry_run else "skip"
 
 
 async def _lifetime(
@@ -340,45 +271,36 @@ async def _lifetime(
             return
         ids = [str(r["user_id"]) for r in candidates]
         last = ids[-1]
-        if dry_run:
-            rows = await conn().execute_query_dict(
-                "SELECT count(*) AS n FROM sessions"
-                " WHERE user_id = ANY($1::text[]) AND status = $2 AND started_at < $3",
-                [ids, CONNECTED, cutoff],
-            )
-            result.lifetime_sessions_ended += int(rows[0]["n"])
-            result.users.extend(u for u in ids if u not in result.users)
-        else:
-            settled = await _end_old_sessions(
-                result, ids, now=now, cutoff=cutoff, max_s=session_max_s
-            )
-            if settled:
-                result.evicted += await _evict(cache, settled)
+        settled = await _end_old_sessions(
+            result, ids, now=now, max_s=session_max_s, dry_run=dry_run
+        )
+        if settled:
+            result.evicted += await _evict(cache, settled)
         if len(candidates) < batch_size:
             return
 
 
 async def _end_old_sessions(
-    result: SweepResult, ids: list[str], *, now: datetime, cutoff: datetime, max_s: int
+    result: SweepResult, ids: list[str], *, now: datetime, max_s: int, dry_run: bool
 ) -> list[dict[str, Any]]:
-    """One transaction: lock the users, end their old sessions, settle the users, emit events."""
+    """One transaction: lock the users, let the rules end their old sessions, save."""
     async with in_transaction() as tx:
-        locked = [str(r["id"]) for r in await tx.execute_query_dict(_LOCK_USERS, [ids])]
-        if not locked:
-            return []
-        ended = await tx.execute_query_dict(
-            _END_OLD_SESSIONS,
-            [locked, now, ENDED, LIFETIME_REASON, CONNECTED, cutoff, KIND, SOURCE, max_s],
-        )
-        touched = [str(r["user_id"]) for r in ended]
-        if not touched:
-            return []
-        settled = await tx.execute_query_dict(_SETTLE, [touched, now, DISCONNECTED, CONNECTED])
-        gone = [str(r["id"]) for r in settled if r["status"] == DISCONNECTED]
-        if gone:
-            await tx.execute_query(_USERS_DISCONNECTED, [gone, LIFETIME_REASON, now])
-    sessions = sum(int(r["n"]) for r in ended)
+        work = UnitOfWork(tx, Journal())
+        held = await work.load(ids, create=False, lock=_lock(dry_run))
+        ended: dict[str, list[str]] = {}
+        for n, uid in enumerate(held):
+            if n % YIELD_EVERY == YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+            ended[uid] = work.expire_lifetime(uid, now=now, session_max_s=max_s, commit=not dry_run)
+        touched = [uid for uid, sids in ended.items() if sids]
+        if not dry_run:
+            await work.save()
+    sessions = sum(len(sids) for sids in ended.values())
     result.lifetime_sessions_ended += sessions
+    if dry_run:
+        result.users.extend(u for u in touched if u not in result.users)
+        return []
+    gone = [u for u in touched if work.users[u]["status"] != CONNECTED]
     result.lifetime_users_disconnected += len(gone)
     room = SAMPLE - len(result.users)
     if room > 0:
@@ -387,4 +309,4 @@ async def _end_old_sessions(
         "sessions past their lifetime ended",
         extra={"sessions": sessions, "users_disconnected": len(gone), "session_max_s": max_s},
     )
-    return settled
+    return _settled(work, touched)

@@ -34,6 +34,7 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 from tortoise.backends.base.client import BaseDBAsyncClient
 
+from storage import journal
 from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
 from storage.cache import user_key
 from storage.db import conn
@@ -87,17 +88,6 @@ WITH upd AS (
     RETURNING 1
 )
 SELECT count(*) AS n FROM upd
-"""
-
-_INSERT_ACCESS = """
-WITH ins AS (
-    INSERT INTO audit_events (at, occurred_at, user_id, session_id, kind, reason, source, detail)
-    SELECT now(), x.occurred_at, x.user_id, x.session_id, 'access', x.reason, 'api', x.detail::jsonb
-    FROM unnest($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[])
-         AS x(occurred_at, user_id, session_id, reason, detail)
-    RETURNING 1
-)
-SELECT count(*) AS n FROM ins
 """
 
 
@@ -291,8 +281,7 @@ async def drain_access_log(
             return
         rows = [access_row(e) for e in entries if isinstance(e, dict)]
         for batch in chunks(rows, batch_size):
-            columns = [list(col) for col in zip(*batch, strict=True)]
-            await db.execute_query_dict(_INSERT_ACCESS, columns)
+            await journal.write_access(db, batch)
             result.batches += 1
         await access_log.ack(key)
         result.access_entries += len(rows)

@@ -1,5 +1,9 @@
 """Append-only rows of a transaction, written once at its end instead of once per change.
 
+The one writer of ``audit_events`` and ``outbox`` rows: every lifecycle change (the unit of work
+of ``storage.state``, the sweep of ``storage.expiry``), every dead letter and every batch of access
+decisions (``storage.flush``) goes through the statements below.
+
 Audit entries, outbox events and the users' final rows are what every applied event adds; a unit
 of work (``state.unit_of_work``) collects them here and writes them with one set-based statement
 each just before the commit, in the order they were produced. Same transaction, same rows, a few
@@ -36,10 +40,13 @@ ORDER BY t.n
 _USERS = """
 UPDATE users u SET status = t.status, name = t.name, email = t.email,
     connected_at = t.connected_at, disconnected_at = t.disconnected_at, seen_at = t.seen_at,
-    logged_out_at = t.logged_out_at, version = t.version, updated_at = now()
+    logged_out_at = t.logged_out_at, version = t.version, blocked_at = t.blocked_at,
+    blocked_reason = t.blocked_reason, updated_at = now()
 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-            $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bigint[])
-     AS t(id, status, name, email, connected_at, disconnected_at, seen_at, logged_out_at, version)
+            $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::bigint[],
+            $10::timestamptz[], $11::text[])
+     AS t(id, status, name, email, connected_at, disconnected_at, seen_at, logged_out_at, version,
+          blocked_at, blocked_reason)
 WHERE u.id = t.id
 """
 
@@ -53,7 +60,24 @@ USER_COLUMNS = (
     "seen_at",
     "logged_out_at",
     "version",
+    "blocked_at",  # storage.rules: State.block / unblock
+    "blocked_reason",
 )
+
+
+ACCESS_KIND = "access"
+ACCESS_SOURCE = "api"
+
+
+async def write_access(
+    db: BaseDBAsyncClient,
+    rows: Sequence[tuple[datetime | None, str | None, str | None, str | None, str]],
+) -> None:
+    """Journals access decisions, each ``(occurred_at, user_id, session_id, reason, detail)``
+    with ``detail`` already JSON-encoded (``storage.flush.access_row``)."""
+    if rows:
+        audit = [(at, u, s, ACCESS_KIND, r, ACCESS_SOURCE, d) for at, u, s, r, d in rows]
+        await db.execute_query(_AUDIT, [list(col) for col in zip(*audit, strict=True)])
 
 
 @dataclass(slots=True)
@@ -95,7 +119,7 @@ class Journal:
     async def flush(self, db: BaseDBAsyncClient) -> None:
         if self.users:
             rows = list(self.users.values())
-            await db.execute_query(_USERS, [[r[c] for r in rows] for c in USER_COLUMNS])
+            await db.execute_query(_USERS, [[r.get(c) for r in rows] for c in USER_COLUMNS])
         if self.audit:
             await db.execute_query(_AUDIT, [list(col) for col in zip(*self.audit, strict=True)])
         if self.outbox:

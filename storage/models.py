@@ -23,8 +23,12 @@ class User(Model):
     last_activity_at = fields.DatetimeField(null=True)
     # Newest sign of life (connect or request): the idle sweep is a range scan on it.
     seen_at = fields.DatetimeField(null=True)
-    # Newest "logged out everywhere" time: fences connects that happened before it.
+    # Newest "logged out everywhere" time: fences connects that happened before it, and tokens
+    # issued before it (the token fence, CONTRACT §8).
     logged_out_at = fields.DatetimeField(null=True)
+    # Set while the user is blocked (admin route, Keycloak disable/delete): logins are refused.
+    blocked_at = fields.DatetimeField(null=True)
+    blocked_reason = fields.CharField(max_length=32, null=True)
     # Bumped on every state change; the Redis cache refuses to go back to an older version.
     version = fields.BigIntField(default=0)
     created_at = fields.DatetimeField(auto_now_add=True)

@@ -11,12 +11,18 @@ is applied, into ordinary per-user ``disconnected`` events that go through the o
 
 The expanded events keep the original time (ordering fences apply as to any event) and get their
 own de-duplication key per user, so a redelivered admin event stays a no-op.
+
+Also here: the single-use ledger of OIDC back-channel logout tokens (``jti``), in Redis.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Sequence
 from dataclasses import replace
+
+import redis.asyncio as aioredis
 
 from sessiond.events import MAX_EVENT_ID, Event
 from storage.db import conn
@@ -51,3 +57,21 @@ async def expand(events: Sequence[Event]) -> list[Event]:
             rows = await db.execute_query_dict(_CONNECTED, [CONNECTED, ev.source])
             out += [_for_user(ev, str(r["user_id"]), None) for r in rows]
     return out
+
+
+def jti_key(issuer: str, jti: str) -> str:
+    """Redis key remembering a used logout token (hashed: both parts are caller-chosen text)."""
+    digest = hashlib.blake2b(f"{issuer}\x1f{jti}".encode(), digest_size=16).hexdigest()
+    return f"bcl:jti:{digest}"
+
+
+async def claim_jti(client: aioredis.Redis, issuer: str, jti: str, ttl_s: float) -> bool:
+    """True the first time ``jti`` of ``issuer`` is seen (remembered ``ttl_s``, the token's
+    remaining lifetime); False for a replay."""
+    ttl = max(1, math.ceil(ttl_s))
+    return bool(await client.set(jti_key(issuer, jti), "1", nx=True, ex=ttl))
+
+
+async def release_jti(client: aioredis.Redis, issuer: str, jti: str) -> None:
+    """Forgets a claim whose logout failed, so that the identity provider's retry is accepted."""
+    await client.delete(jti_key(issuer, jti))

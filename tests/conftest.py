@@ -268,9 +268,9 @@ class Amqp:
 
 
 def all_queues(settings: Settings) -> list[str]:
-    from actors.topology import JOBS_QUEUE, partition_queues
+    from actors.topology import JOBS_QUEUE, partition_queues, stamp_queue
 
-    names = [settings.ingest_queue, settings.dead_letter_queue]
+    names = [settings.ingest_queue, settings.dead_letter_queue, stamp_queue(settings.ingest_queue)]
     for q in [*partition_queues(settings.partitions), JOBS_QUEUE]:
         names += [q, f"{q}.DQ", f"{q}.XQ"]
     return names

@@ -1,5 +1,5 @@
 """Admin routes (role ``admin`` in the token's ``roles`` claim): inspect and disconnect users,
-revoke one session.
+revoke one session, block and unblock users (``storage.block``).
 
 ``DELETE /admin/sessions/<session_id>``: session ids are unique per user only, so ``?user_id=``
 names the owner; without it, the owner is looked up, and an id held by several users is refused
@@ -18,14 +18,16 @@ from sanic.response import json
 from sanic_ext import openapi
 
 from api.context import Req
+from storage import block
 from storage.db import conn
-from storage.state import find_session_owners, force_disconnect, publish_snapshot, revoke_session
+from storage.state import Outcome, find_session_owners, force_disconnect, revoke_session
 
 bp = Blueprint("admin", url_prefix="/admin")
 ROUTE: Final = "/admin"
 ROLE: Final = "admin"
 USER_FIELDS: Final = (
-    "id, name, email, status, connected_at, disconnected_at, last_activity_at, seen_at, version"
+    "id, name, email, status, connected_at, disconnected_at, last_activity_at, seen_at, version,"
+    " blocked_at, blocked_reason"
 )
 SESSION_FIELDS: Final = "session_id, status, started_at, ended_at, end_reason, ip_address"
 STATUSES: Final = frozenset({"connected", "disconnected"})
@@ -116,7 +118,7 @@ async def disconnect(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
     await _load_user(_id(user_id, "user_id"))
     outcome = await force_disconnect(user_id, reason="admin", source="admin")
-    await publish_snapshot(request.app.ctx.cache, outcome)
+    await request.app.ctx.reconciler.publish(outcome)
     snapshot = outcome.snapshot
     return json(
         {
@@ -147,7 +149,7 @@ async def revoke(request: Req, session_id: str) -> HTTPResponse:
     elif user_id not in await find_session_owners(session_id):
         raise NotFound("no such session")
     outcome = await revoke_session(user_id, session_id, reason="admin", source="admin")
-    await publish_snapshot(request.app.ctx.cache, outcome)
+    await request.app.ctx.reconciler.publish(outcome)
     snapshot = outcome.snapshot
     return json(
         {
@@ -157,3 +159,40 @@ async def revoke(request: Req, session_id: str) -> HTTPResponse:
             "ended_sessions": outcome.ended_sessions,
         }
     )
+
+
+def _block_answer(user_id: str, outcome: Outcome) -> HTTPResponse:
+    snapshot = outcome.snapshot
+    return json(
+        {
+            "user_id": user_id,
+            "blocked": snapshot.blocked if snapshot is not None else False,
+            "status": snapshot.status if snapshot is not None else None,
+            "ended_sessions": outcome.ended_sessions,
+        }
+    )
+
+
+@bp.post("/users/<user_id:str>/block", name="block")
+@openapi.summary("Block a user: end every session (reason blocked), refuse later logins")
+@openapi.secured("bearer")
+async def block_route(request: Req, user_id: str) -> HTTPResponse:
+    """A user never seen may be blocked too: their first login is then refused."""
+    await _guard(request)
+    _id(user_id, "user_id")
+    outcome = await block.block_user(user_id, source="admin")
+    await request.app.ctx.reconciler.publish(outcome)
+    await block.mirror(request.app.ctx.redis, outcome)
+    return _block_answer(user_id, outcome)
+
+
+@bp.post("/users/<user_id:str>/unblock", name="unblock")
+@openapi.summary("Lift a user's block (any source); the user logs in again, old tokens stay fenced")
+@openapi.secured("bearer")
+async def unblock_route(request: Req, user_id: str) -> HTTPResponse:
+    await _guard(request)
+    await _load_user(_id(user_id, "user_id"))
+    outcome = await block.unblock_user(user_id, source="admin")
+    await request.app.ctx.reconciler.publish(outcome)
+    await block.mirror(request.app.ctx.redis, outcome)
+    return _block_answer(user_id, outcome)

@@ -186,3 +186,26 @@ async def test_concurrent_requests_of_many_users_each_get_their_own_answer(api: 
             assert reply.status == 200 and reply.headers["X-User-Email"] == f"{uid}@example.com"
         else:
             assert_forbidden(reply, "not_connected")
+
+
+async def test_identity_headers_are_always_all_three(api: Api) -> None:
+    # Given a user without e-mail, and a token without sid
+    await api.event("connected", "16")
+    reply = await api.get("/auth/check", token=mint("16"))
+    # Then all three headers are there, the unknown ones empty (a proxy copying them always
+    # overwrites the client's own)
+    assert reply.status == 200
+    assert reply.headers.get("X-User-Id") == "16"
+    assert reply.headers.get("X-User-Email") == ""
+    assert reply.headers.get("X-Session-Id") == ""
+
+
+async def test_identity_headers_are_injective(api: Api) -> None:
+    # Given two users whose ids differ only in being percent-encoded already
+    await api.event("connected", "café", session_id="s%1")
+    await api.event("connected", "caf%C3%A9", session_id="s 1")
+    one = await api.get("/auth/check", token=mint("café", sid="s%1"))
+    two = await api.get("/auth/check", token=mint("caf%C3%A9", sid="s 1"))
+    # Then their headers differ, "%" itself encoded
+    assert (one.headers["X-User-Id"], one.headers["X-Session-Id"]) == ("caf%C3%A9", "s%251")
+    assert (two.headers["X-User-Id"], two.headers["X-Session-Id"]) == ("caf%25C3%25A9", "s%201")

@@ -116,7 +116,23 @@ def test_api_probes_hit_the_health_routes(rendered: dict[str, list[Doc]], name: 
     assert (
         service["spec"]["selector"].items() <= api["spec"]["template"]["metadata"]["labels"].items()
     )
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", "grpc"]
+
+
+@pytest.mark.parametrize("name", ["dev", "prod"])
+def test_grpc_port_is_served_and_exposed(rendered: dict[str, list[Doc]], name: str) -> None:
+    # Given the rendered overlay: the ConfigMap's SESSIOND_GRPC_PORT is the container's "grpc"
+    docs = rendered[name]
+    config = find(docs, "ConfigMap", "sessiond-config")["data"]
+    api = find(docs, "Deployment", "sessiond-api")
+    (container,) = api["spec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert int(config["SESSIOND_GRPC_PORT"]) == ports["grpc"]
+    assert Settings.model_validate({"grpc_port": config["SESSIOND_GRPC_PORT"]}).grpc_port
+    # And the Service exposes it as cleartext HTTP/2, which ext_authz clients speak
+    service = find(docs, "Service", "sessiond-api")
+    (grpc,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert (grpc["targetPort"], grpc["appProtocol"]) == ("grpc", "kubernetes.io/h2c")
 
 
 def test_probed_routes_are_declared_by_the_api() -> None:

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from sessiond import amqp
 from sessiond.config import Settings
+from sessiond.events import dedup_key_for
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "faults"
@@ -142,7 +143,7 @@ async def applied(settings: Settings, stream: Stream) -> int:
             await fetchval(
                 settings,
                 "SELECT count(*) FROM processed_events WHERE key = ANY($1::text[])",
-                [f"auth:id:{e['event_id']}" for e in stream.events],
+                [dedup_key_for("auth", str(e["user_id"]), e["event_id"]) for e in stream.events],
             )
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):

@@ -48,21 +48,26 @@ def test_user_logout_action_ends_every_session_of_the_user() -> None:
     )  # fmt: skip
 
 
-def test_user_delete_and_disable_end_every_session_with_their_reason() -> None:
+def test_user_delete_and_disable_block_the_user_with_their_reason() -> None:
     deleted = decode(kc.user_delete("8d2f-user"))
     disabled = decode(kc.user_update("8d2f-user", username="john", enabled=False))
-    assert (deleted.user_id, deleted.session_id, deleted.reason) == (
-        "8d2f-user", None, "idp_user_deleted",
+    assert (deleted.kind, deleted.user_id, deleted.session_id, deleted.reason) == (
+        "blocked", "8d2f-user", None, "idp_user_deleted",
     )  # fmt: skip
-    assert (disabled.user_id, disabled.session_id, disabled.reason) == (
-        "8d2f-user", None, "idp_user_disabled",
+    assert (disabled.kind, disabled.user_id, disabled.session_id, disabled.reason) == (
+        "blocked", "8d2f-user", None, "idp_user_disabled",
     )  # fmt: skip
     assert deleted.dedup_key() != disabled.dedup_key()
 
 
-@pytest.mark.parametrize(
-    "rep", [None, {"firstName": "John"}, {"enabled": True}, {"enabled": "false"}]
-)
+def test_user_enabled_again_lifts_only_keycloaks_own_block() -> None:
+    enabled = decode(kc.user_update("8d2f-user", username="john", enabled=True))
+    assert (enabled.kind, enabled.user_id, enabled.reason) == (
+        "unblocked", "8d2f-user", "idp_user_disabled",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("rep", [None, {"firstName": "John"}, {"enabled": "false"}])
 def test_user_update_without_an_explicit_disable_changes_nothing(rep: Any) -> None:
     decoder = KeycloakDecoder(binding_keys=DEFAULT_KEYS)
     assert decode(kc.user_update("8d2f-user", **(rep or {})), decoder) is None
@@ -74,7 +79,7 @@ def test_the_representation_is_a_json_string_in_the_plugins_message() -> None:
     assert isinstance(body["representation"], str)
     as_object = {**body, "representation": json.loads(body["representation"])}
     event = KeycloakDecoder()(kc.encode(as_object), NOW, kc.routing_key("USER", "UPDATE"))
-    assert event is not None and event.reason == "idp_user_disabled"
+    assert event is not None and (event.kind, event.reason) == ("blocked", "idp_user_disabled")
 
 
 def test_logout_all_logs_out_every_connected_user_by_lookup() -> None:
@@ -207,5 +212,5 @@ def test_any_admin_body_decodes_or_is_refused_with_a_reason(
         assert exc.reason.startswith("invalid_")
         return
     if event is not None:
-        assert event.kind == "disconnected" and event.reason is not None
+        assert event.kind in ("disconnected", "blocked", "unblocked") and event.reason is not None
         assert event.lookup is not None or event.user_id in path

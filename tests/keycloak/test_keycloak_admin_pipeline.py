@@ -6,6 +6,7 @@ the in-process API refuses the revoked tokens; lifecycle events go out with the 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 import uuid
@@ -27,6 +28,7 @@ from tests.keycloak import admin_shapes as kc
 from tests.keycloak.test_keycloak_pipeline import EXCHANGE, QUEUE, plugin_message
 from tests.outbox.support import EventsOut
 
+log = logging.getLogger(__name__)
 pytestmark = pytest.mark.integration
 __all__ = ["api_factory"]  # the in-process API's fixture, shared with tests/api
 
@@ -66,10 +68,13 @@ class Plugin:
     def admin(self, pair: tuple[str, dict[str, Any]]) -> None:
         self.publish(*pair)
 
-    def client(self, event_type: str, user: str, sid: str, **extra: Any) -> None:
+    def client(
+        self, event_type: str, user: str, sid: str, *, ago_s: float = 5, **extra: Any
+    ) -> None:
+        """A client event ``ago_s`` seconds old (recent: the idle timeout must not bite)."""
         key = f"KK.EVENT.CLIENT.{kc.REALM_NAME}.SUCCESS.web.{event_type}"
         body = plugin_message(event_type, user, sid, **extra)
-        body["time"] = int(time.time() * 1000) - 5000  # recent: the idle timeout must not bite
+        body["time"] = int((time.time() - ago_s) * 1000)
         self.publish(key, body)
 
     def consumed(self) -> bool:
@@ -147,6 +152,7 @@ async def test_admin_session_delete_refuses_that_sid_and_keeps_the_other(
 
     # Then s1 is refused soon (its owner was looked up by session id) while s2 stays granted
     took, body = await until_refused(api, mint(user, sid=s1))
+    log.warning("admin session delete refused after %.1f ms", took * 1000)
     assert body == {"error": "forbidden", "reason": "session_ended"}
     assert (await api.get("/auth/check", token=mint(user, sid=s2))).status == 200
     assert took < 2.0, f"refused after {took:.3f}s"  # the issue's 100 ms, with a loaded machine
@@ -175,13 +181,54 @@ async def test_admin_user_logout_refuses_both_sessions(
         (lambda u: kc.user_update(u, username="john", enabled=False), "idp_user_disabled"),
     ],
 )
-async def test_user_delete_and_disable_end_every_session(
+async def test_user_delete_and_disable_block_the_user(
     plugin: Plugin, api: Api, pg: asyncpg.Connection, make: Any, reason: str
 ) -> None:
+    # Given a user on two devices; when Keycloak deletes or disables them
     user, s1, s2 = await login_two(plugin, api, pg)
     plugin.admin(make(user))
-    await until_refused(api, mint(user))
+
+    # Then both sessions end with the reason, and the user is blocked
+    _, body = await until_refused(api, mint(user))
+    assert body == {"error": "forbidden", "reason": "blocked"}
     assert await sessions_of(pg, user) == {s1: ("ended", reason), s2: ("ended", reason)}
+    assert await pg.fetchval("SELECT blocked_reason FROM users WHERE id = $1", user) == reason
+
+    # And a later login is a no-op, journaled refused_blocked (not dead-lettered)
+    plugin.client("LOGIN", user, "s3")
+
+    async def refused() -> bool:
+        return bool(
+            await pg.fetchval(
+                "SELECT count(*) FROM audit_events WHERE user_id = $1 AND reason = $2",
+                user, "refused_blocked",
+            )
+        )  # fmt: skip
+
+    await async_wait_until(refused)
+    assert "s3" not in await sessions_of(pg, user)
+    assert (await api.get("/auth/check", token=mint(user, sid="s3"))).json()["reason"] == "blocked"
+
+
+async def test_user_enabled_again_can_log_in(
+    plugin: Plugin, api: Api, pg: asyncpg.Connection
+) -> None:
+    user, _, _ = await login_two(plugin, api, pg)
+    plugin.admin(kc.user_update(user, enabled=False))
+    await until_refused(api, mint(user))
+    plugin.admin(kc.user_update(user, enabled=True))
+
+    async def unblocked() -> bool:
+        return await pg.fetchval("SELECT blocked_at FROM users WHERE id = $1", user) is None
+
+    await async_wait_until(unblocked)
+    plugin.client("LOGIN", user, "s3", ago_s=0)  # after the disable (the fence) and the enable
+
+    async def logged_in() -> bool:
+        return (await sessions_of(pg, user)).get("s3") == ("connected", None)
+
+    await async_wait_until(logged_in)
+    assert (await api.get("/auth/check", token=mint(user, sid="s3"))).status == 200
 
 
 async def test_user_update_that_keeps_the_user_enabled_changes_nothing(

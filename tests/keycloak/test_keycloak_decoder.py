@@ -63,7 +63,7 @@ def test_logout_ends_the_session() -> None:
 
 def test_plugin_id_is_the_dedup_key_in_the_keycloak_namespace() -> None:
     event = KeycloakDecoder()(encode(message(id="ev-1")), NOW, OK_KEY)
-    assert event is not None and event.dedup_key() == "keycloak:id:ev-1"
+    assert event is not None and event.dedup_key() == "keycloak:id:9:8d2f-user:ev-1"
 
 
 def test_optional_fields_may_be_absent() -> None:
@@ -116,6 +116,12 @@ def test_error_results_never_start_a_session() -> None:
         (encode(message(sessionId=None)), "missing_session_id"),
         (encode(message("LOGOUT", sessionId=None)), "missing_session_id"),
         (encode(message(time="yesterday")), "invalid_occurred_at"),
+        # Scenario 4 of issue 11: a 400-digit integer overflows a float (OverflowError).
+        (
+            b'{"type": "LOGIN", "userId": "u", "sessionId": "s", "time": 1' + b"0" * 399 + b"}",
+            "invalid_occurred_at",
+        ),
+        (encode(message(time=-(10**30))), "invalid_occurred_at"),
         (encode(message(ipAddress="x" * 65)), "invalid_ip_address"),
         (encode(message(details=["john"])), "invalid_details"),
         (encode(message(details={"username": {"first": "john"}})), "invalid_name"),

@@ -26,7 +26,7 @@ from tests.outbox.support import EventsOut
 pytestmark = pytest.mark.integration
 
 EXCHANGE = "amq.topic"
-QUEUE = "sessiond.keycloak"
+QUEUE = Settings.model_fields["keycloak_queue"].default
 TIME_MS = 1_772_366_400_123  # 2026-03-01T12:00:00.123Z
 
 
@@ -208,3 +208,29 @@ async def test_invalid_messages_are_dead_lettered_with_reason(
     await async_wait_until(
         lambda: pg.fetchval("SELECT count(*) FROM audit_events WHERE kind = 'dead_lettered'")
     )
+
+
+async def test_a_poison_time_stops_nothing(
+    keycloak: Keycloak,
+    pg: asyncpg.Connection,
+    settings: Settings,
+    broker_client: Amqp,
+    worker: Process,
+) -> None:
+    # Scenario 4 of issue 11: a LOGIN whose `time` is a 400-digit integer (OverflowError once
+    # divided), followed by events of both sources, logouts included
+    poison = json.dumps(plugin_message("LOGIN", "u-poison", "s1", time=0)).replace(
+        '"time": 0', '"time": 1' + "0" * 399
+    )
+    keycloak.send(poison.encode())
+    keycloak.send(plugin_message("LOGIN", "u-after-poison", "s1"))
+    keycloak.send(plugin_message("LOGOUT", "u-after-poison", "s1", time=TIME_MS + 1000))
+    broker_client.publish({"event": "connected", "user_id": "auth-after-poison"})
+    # Then the poison alone is dead-lettered, with a reason, and everything else is applied
+    wait_until(lambda: broker_client.depth(settings.dead_letter_queue) >= 1)
+    [letter] = list(deadletter.listing(settings, limit=10))
+    assert (letter.reason, letter.source_queue) == ("invalid_occurred_at", QUEUE)
+    await async_wait_until(lambda: _is(pg, "u-after-poison", "disconnected"))
+    await async_wait_until(lambda: _is(pg, "auth-after-poison", "connected"))
+    assert await status_of(pg, "u-poison") is None
+    assert "ingress failed" not in worker.output()

@@ -5,6 +5,7 @@ parameters reach the handlers."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 import urllib.request
@@ -14,10 +15,12 @@ from typing import Any
 
 import pytest
 import schemathesis
+from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 
 from tests.api.conftest import free_port, mint
 from tests.conftest import Process
+from tests.revocation.conftest import AUDIENCE, ISSUER, jwk
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -30,7 +33,17 @@ def served(
     port = free_port()
     log = tmp_path_factory.mktemp("api") / "api.log"
     argv = [sys.executable, "-m", "sessiond.cli", "api", "--workers", "1", "--port", str(port)]
-    proc = Process(argv, test_env, Path(log))
+    # Back-channel logout on, so that its route is generated against too.
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwks = Path(log).with_name("jwks.json")
+    jwks.write_text(json.dumps({"keys": [jwk(key, "rsa-1", "RS256")]}))
+    env = {
+        **test_env,
+        "SESSIOND_JWKS_FILE": str(jwks),
+        "SESSIOND_BACKCHANNEL_AUDIENCE": AUDIENCE,
+        "SESSIOND_BACKCHANNEL_ISSUER": ISSUER,
+    }
+    proc = Process(argv, env, Path(log))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -66,4 +79,6 @@ def test_no_server_error(served: str) -> None:
             assert authed.status_code < 500, (case.method, case.formatted_path, authed.text[:300])
 
         no_5xx()
-    assert {"GET /auth/check", "GET /api/me", "GET /admin/users/{user_id}"} <= set(seen), seen
+    expected = {"GET /auth/check", "GET /api/me", "GET /admin/users/{user_id}"}
+    expected |= {"POST /oidc/backchannel-logout", "POST /oauth2/introspect"}
+    assert expected <= set(seen), seen

@@ -34,7 +34,42 @@ def test_placeholder_secret_refused_in_production(monkeypatch: pytest.MonkeyPatc
     monkeypatch.delenv("SESSIOND_JWT_SECRET", raising=False)
     with pytest.raises(ValidationError, match="SESSIOND_JWT_SECRET"):
         Settings(jwt_secret=PLACEHOLDER_SECRET)
-    assert Settings(jwt_secret="a-real-secret-from-the-vault").env == "production"
+    assert Settings(jwt_secret="a-real-secret-from-the-vault-32-bytes").env == "production"
+
+
+@pytest.mark.parametrize("env", ["test", "production"])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        # Scenario 7 of issue 11: a JWKS beside HS256 does not make the placeholder private.
+        {"jwks_url": "https://sso.example.com/certs", "jwt_algorithms": "HS256,RS256"},
+        {"jwks_file": "/etc/jwks.json", "jwt_algorithms": "RS256, hs512"},
+    ],
+)
+def test_placeholder_or_short_hmac_secret_refused_outside_development(
+    monkeypatch: pytest.MonkeyPatch, env: str, extra: dict[str, str]
+) -> None:
+    # Given a non-development environment that accepts an HS* algorithm
+    monkeypatch.setenv("SESSIOND_ENV", env)
+    # Then the placeholder and any secret under 32 bytes are refused at start-up
+    with pytest.raises(ValidationError, match="placeholder"):
+        Settings.model_validate({"jwt_secret": PLACEHOLDER_SECRET, **extra})
+    with pytest.raises(ValidationError, match="shorter than 32 bytes"):
+        Settings.model_validate({"jwt_secret": "x" * 31, **extra})
+    # 31 ASCII characters but 33 bytes of UTF-8 is long enough: the rule counts bytes
+    assert Settings.model_validate({"jwt_secret": "é" * 2 + "x" * 29, **extra}).env == env
+    assert Settings.model_validate({"jwt_secret": "x" * 32, **extra}).env == env
+
+
+def test_placeholder_is_harmless_without_hmac_and_allowed_in_development(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SESSIOND_ENV", "production")
+    s = Settings(jwt_secret=PLACEHOLDER_SECRET, jwt_algorithms="RS256,ES256", jwks_url="https://x")
+    assert s.algorithms == ["RS256", "ES256"]
+    monkeypatch.setenv("SESSIOND_ENV", "development")
+    assert Settings(jwt_secret="short").jwt_secret == "short"
 
 
 @pytest.mark.parametrize(

@@ -3,13 +3,23 @@ and where a user's events go."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from sessiond.errors import InvalidEvent
-from sessiond.events import Event, decode_event, partition_of, partition_queue
+from sessiond.events import (
+    MAX_DEDUP_KEY,
+    MAX_EVENT_ID,
+    MAX_USER_ID,
+    Event,
+    decode_event,
+    dedup_key_for,
+    partition_of,
+    partition_queue,
+)
 from sessiond.keycloak import KeycloakDecoder
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)
@@ -124,10 +134,26 @@ def test_limits_are_inclusive() -> None:
     assert len(ev.user_id) == 128
 
 
-def test_dedup_key_uses_event_id_namespaced_by_source() -> None:
-    a = decode({"event": "connected", "user_id": "u", "event_id": "1"})
-    b = decode({"event": "disconnected", "user_id": "v", "event_id": "1"})
-    assert a.dedup_key() == b.dedup_key() == "auth:id:1"
+def test_dedup_key_is_scoped_to_source_and_user() -> None:
+    # Scenario 6 of issue 11: event_id 7 of user B is not a duplicate of user A's event 7.
+    a = decode({"event": "connected", "user_id": "A", "event_id": "7"})
+    a_again = decode({"event": "disconnected", "user_id": "A", "event_id": "7"})
+    b = decode({"event": "connected", "user_id": "B", "event_id": "7"})
+    assert a.dedup_key() == a_again.dedup_key() == "auth:id:1:A:7"
+    assert b.dedup_key() != a.dedup_key()
+    assert dataclasses.replace(a, source="keycloak").dedup_key() != a.dedup_key()
+
+
+def test_dedup_key_user_and_id_cannot_be_confused() -> None:
+    # "a:b" + "c" and "a" + "b:c" would read alike without the user id's length.
+    assert dedup_key_for("auth", "a:b", "c") != dedup_key_for("auth", "a", "b:c")
+
+
+def test_dedup_key_fits_the_ledger_for_the_longest_ids() -> None:
+    long = dedup_key_for("keycloak", "u" * MAX_USER_ID, "e" * MAX_EVENT_ID)
+    other_user = dedup_key_for("keycloak", "v" + "u" * (MAX_USER_ID - 1), "e" * MAX_EVENT_ID)
+    assert len(long) <= MAX_DEDUP_KEY and len(other_user) <= MAX_DEDUP_KEY
+    assert long.startswith("keycloak:idh:") and long != other_user
 
 
 def test_dedup_key_without_event_id_is_content_hash() -> None:

@@ -1,0 +1,49 @@
+"""The ingress restarts after any failure with a growing delay, so that a message or a bug that
+fails every time costs a retry now and then, not a busy loop (issue 11)."""
+
+from __future__ import annotations
+
+import threading
+
+from actors.ingress import Ingress
+from sessiond.config import Settings
+
+
+class Recorder(threading.Event):
+    """Records each pause the ingress takes, and stops it after ``limit`` of them."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self.pauses: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.pauses.append(float(timeout or 0))
+        if len(self.pauses) >= self.limit:
+            self.set()
+        return self.is_set()
+
+
+class Failing(Ingress):
+    def __init__(self, stopping: Recorder, *, commits: frozenset[int] = frozenset()) -> None:
+        super().__init__(Settings(), [])
+        self.stopping = stopping
+        self.commits = commits
+        self.calls = 0
+
+    def _consume(self) -> None:
+        self.calls += 1
+        self._committed = self.calls in self.commits
+        raise RuntimeError("a bug that fails every time")
+
+
+def test_restarts_back_off_exponentially_up_to_15_s() -> None:
+    stopping = Recorder(limit=8)
+    Failing(stopping).run()
+    assert stopping.pauses == [0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
+
+
+def test_a_session_that_committed_starts_the_backoff_again() -> None:
+    stopping = Recorder(limit=5)
+    Failing(stopping, commits=frozenset({3})).run()
+    assert stopping.pauses == [0.5, 1.0, 0.5, 1.0, 2.0]
