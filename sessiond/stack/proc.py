@@ -18,10 +18,16 @@ class StackError(RuntimeError):
     is all a user sees (no traceback), so it has to be enough to act on.
     """
 
-    def __init__(self, server: str, problem: str, logfile: Path | None = None) -> None:
+    def __init__(
+        self, server: str, problem: str | None = None, logfile: Path | None = None
+    ) -> None:
+        if problem is None:  # a whole message, as callers outside the stack raise it
+            server, problem = server.split(" ", 1)[0] or "stack", server
+            text = problem
+        else:
+            text = f"{server}: {problem}" + (f"; see {logfile}" if logfile else "")
         self.server, self.problem, self.logfile = server, problem, logfile
-        where = f"; see {logfile}" if logfile else ""
-        super().__init__(f"{server}: {problem}{where}")
+        super().__init__(text)
 
 
 def _one_line(text: str, limit: int = 300) -> str:
