@@ -37,9 +37,15 @@ def period_s(settings: Settings, job: str) -> float:
     return settings.activity_flush_s if job == FLUSH else settings.expiry_period_s
 
 
-async def flush_job(cache: Cache, *, lock_wait_s: float = 0.0) -> dict[str, Any]:
+async def flush_job(
+    cache: Cache, *, lock_wait_s: float = 0.0, settings: Settings | None = None
+) -> dict[str, Any]:
+    settings = settings or get_settings()
     result = await flush.flush_activity(
-        ActivityBuffer(cache.client), access_log=AccessLog(cache.client), lock_wait_s=lock_wait_s
+        ActivityBuffer(cache.client),
+        access_log=AccessLog.configured(cache.client, settings),
+        lock_wait_s=lock_wait_s,
+        batch_size=settings.access_log_page,
     )
     return result.to_dict()
 
@@ -51,7 +57,7 @@ async def sweep_job(
     result = await expiry.sweep(
         cache,
         ActivityBuffer(cache.client),
-        access_log=AccessLog(cache.client),
+        access_log=AccessLog.configured(cache.client, settings),
         now=now,
         idle_timeout_s=settings.idle_timeout_s,
         batch_size=settings.expiry_batch_size,
@@ -59,12 +65,23 @@ async def sweep_job(
         session_max_s=settings.session_max_s or None,
     )
     done = result.to_dict()
-    for table, keep_s, name in (
-        ("processed_events", settings.dedup_retention_s, "dedup_purged"),
-        ("audit_events", settings.audit_retention_s, "audit_purged"),
-    ):
-        if keep_s and not dry_run:
-            done[name] = await retention.purge(table, before=now - timedelta(seconds=keep_s))
+    if dry_run:
+        return done
+    if settings.dedup_retention_s:
+        done["dedup_purged"] = await retention.purge(
+            "processed_events", before=now - timedelta(seconds=settings.dedup_retention_s)
+        )
+    parts = await retention.maintain_audit_partitions(
+        now,
+        retention_days={
+            "access": settings.audit_access_retention_days,
+            "lifecycle": settings.audit_lifecycle_retention_days,
+        },
+        ahead_days=settings.audit_partitions_ahead_days,
+    )
+    done["audit_partitions_created"] = len(parts.created)
+    done["audit_partitions_dropped"] = len(parts.dropped)
+    done["audit_purged"] = parts.purged
     return done
 
 
@@ -93,6 +110,8 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
                 or r["lifetime_sessions_ended"]
                 or r.get("dedup_purged")
                 or r.get("audit_purged")
+                or r.get("audit_partitions_created")
+                or r.get("audit_partitions_dropped")
             ),
         )
 
@@ -124,7 +143,7 @@ def run_once(name: str, dry_run: bool = False, now: datetime | None = None) -> d
         cache = Cache(connect(settings), ttl_s=settings.cache_ttl_s)
         try:
             if job == FLUSH:
-                return await flush_job(cache, lock_wait_s=30.0)
+                return await flush_job(cache, lock_wait_s=30.0, settings=settings)
             return await sweep_job(settings, cache, now=now, dry_run=dry_run)
         finally:
             await cache.close()

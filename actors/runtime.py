@@ -16,6 +16,7 @@ from dramatiq.middleware.asyncio import AsyncIO
 from sessiond.config import Settings
 from storage import cache as cache_mod
 from storage import db
+from storage.redis_policy import check_memory_policy
 
 T = TypeVar("T")
 
@@ -44,6 +45,8 @@ class Runtime:
         self.cache = cache_mod.Cache(
             cache_mod.connect(self.settings), ttl_s=self.settings.cache_ttl_s
         )
+        if self.settings.redis_policy_check:
+            await check_memory_policy(self.cache.client)
 
     async def close(self) -> None:
         if self.cache is not None:

@@ -35,7 +35,8 @@ from sessiond.errors import DependencyUnavailable
 from sessiond.logs import setup_logging
 from storage import cache as cache_mod
 from storage import db
-from storage.activity import ActivityBuffer
+from storage.activity import AccessLog, ActivityBuffer
+from storage.redis_policy import check_memory_policy
 
 NAME: Final = "sessiond"
 
@@ -120,9 +121,18 @@ async def _open(app: App) -> None:
     settings = ctx.settings
     await db.open_db(settings)
     ctx.redis = cache_mod.connect(settings)
+    if settings.redis_policy_check:
+        await check_memory_policy(ctx.redis)
     ctx.cache = cache_mod.Cache(ctx.redis, ttl_s=settings.cache_ttl_s)
     ctx.activity = ActivityBuffer(ctx.redis)
-    ctx.recorder = Recorder(ctx.redis, ctx.activity)
+    ctx.recorder = Recorder(
+        ctx.redis,
+        ctx.activity,
+        access_log=AccessLog.configured(ctx.redis, settings),
+        overflow=ctx.metrics.overflow,
+        max_backlog=settings.api_buffer_max_entries,
+        max_bytes=settings.api_buffer_max_bytes,
+    )
     ctx.access = AccessControl(
         tokens=ctx.tokens,
         cache=ctx.cache,

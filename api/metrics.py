@@ -158,10 +158,18 @@ class Metrics:
             ("result",),
         )
 
+        self.overflow = Counter(
+            "sessiond_access_log_overflow_total",
+            "Access decisions counted instead of stored because a buffer was at its cap: api (this"
+            " process, while Redis is down) or redis (the audit:access list, while PostgreSQL is"
+            " down). Each count is journaled as an access_log_overflow audit entry.",
+            ("buffer",),
+        )
+
     def families(self) -> tuple[Counter | Histogram, ...]:
         return (
             self.decisions, self.latency, self.cache, self.errors, self.reconciled,
-            self.backchannel,
+            self.backchannel, self.overflow,
         )  # fmt: skip
 
     def snapshot(self) -> dict[str, list[list[Any]]]:

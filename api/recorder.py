@@ -1,28 +1,39 @@
 """The API's per-process buffer of activity and access decisions (see ``api.access``).
 
 Requests only append to memory here; a background task pushes the batch to Redis, where the flush
-job (``storage.flush``) picks it up. Kept apart from the decision logic so that the buffering and
-the decision can change independently.
+job (``storage.flush``) picks it up. Both buffers are bounded:
+- this process keeps at most ``max_entries`` decisions / ``max_bytes`` of them while Redis is
+  down; past that a decision is counted (metric, then ``audit:access:overflow`` once Redis is
+  back), not stored;
+- the Redis list has caps of its own (``storage.activity.AccessLog``) for while PostgreSQL is down.
+Refused tokens (401) are never buffered one by one: they are counted per (minute, route, reason,
+client address), so a flood of garbage tokens costs a few counters, not a row each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from sanic import Request
 
-from storage.activity import ACCESS_LOG_KEY, ActivityBuffer
+from api.metrics import Counter
+from storage.activity import REFUSED_DECISION, AccessLog, ActivityBuffer, RefusedKey
 
 log = logging.getLogger(__name__)
 
 
-def iso(epoch: float | None) -> str | None:
-    return None if epoch is None else datetime.fromtimestamp(epoch, tz=UTC).isoformat()
+def current_client() -> str:
+    """The address of the request being handled (``""`` outside a request, e.g. gRPC)."""
+    try:
+        request = Request.get_current()
+    except Exception:  # outside a Sanic request
+        return ""
+    return str(request.remote_addr or request.ip or "")
 
 
 class Recorder:
@@ -35,22 +46,34 @@ class Recorder:
         client: aioredis.Redis,
         activity: ActivityBuffer,
         *,
+        access_log: AccessLog | None = None,
+        overflow: Counter | None = None,
         interval_s: float = 0.1,
         max_batch: int = 1000,
         max_backlog: int = 200_000,
+        max_bytes: int = 64 * 2**20,
+        max_refused_keys: int = 10_000,
+        client_address: Callable[[], str] = current_client,
     ) -> None:
         self.client = client
         self.activity = activity
+        self.access_log = access_log or AccessLog(client)
+        self.overflow = overflow
         self.interval_s = interval_s
         self.max_batch = max_batch
         self.max_backlog = max_backlog
+        self.max_bytes = max_bytes
+        self.max_refused_keys = max_refused_keys
+        self.client_address = client_address
         self.dropped = 0
+        self._unreported = 0  # dropped here, not yet counted in Redis
         self._touches: dict[str, float] = {}
-        self._entries: list[tuple[float, str | None, str | None, str, str | None, str]] = []
+        self._entries: list[str] = []
+        self._bytes = 0
+        self._refused: dict[RefusedKey, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._tails: dict[tuple[str | None, str | None, str, str | None, str], str] = {}
         self._warned_at = float("-inf")
 
     def touch(self, user_id: str, at: float) -> None:
@@ -69,60 +92,90 @@ class Recorder:
         reason: str | None,
         route: str,
     ) -> None:
-        self._entries.append((at, user_id, session_id, decision, reason, route))
+        if decision == REFUSED_DECISION:
+            self._count_refused(at, route, reason or "")
+            return
+        encoded = self.access_log.encode(at, user_id, session_id, decision, reason, route)
+        if len(self._entries) >= self.max_backlog or self._bytes + len(encoded) > self.max_bytes:
+            self._drop(1)
+            return
+        self._entries.append(encoded)
+        self._bytes += len(encoded)
         if len(self._entries) >= self.max_batch:
             self._wake.set()
 
-    def encode(self, entry: tuple[float, str | None, str | None, str, str | None, str]) -> str:
-        """``{"at", "user_id", "session_id", "decision", "reason", "route"}`` as compact JSON; all
-        but the time repeat a lot, so their encoding is remembered."""
-        tail_key = entry[1:]
-        tail = self._tails.get(tail_key)
-        if tail is None:
-            user_id, session_id, decision, reason, route = tail_key
-            tail = json.dumps(
-                {
-                    "user_id": user_id,
-                    "session_id": session_id,
-                    "decision": decision,
-                    "reason": reason,
-                    "route": route,
-                },
-                separators=(",", ":"),
-            )[1:]
-            if len(self._tails) >= 10_000:
-                self._tails.clear()
-            self._tails[tail_key] = tail
-        return f'{{"at":"{iso(entry[0])}",{tail}'
+    def _count_refused(self, at: float, route: str, reason: str) -> None:
+        key: RefusedKey = (int(at // 60) * 60, route, reason, self.client_address())
+        if key not in self._refused and len(self._refused) >= self.max_refused_keys:
+            key = (key[0], route, reason, "*")
+        self._refused[key] = self._refused.get(key, 0) + 1
+
+    def _drop(self, n: int) -> None:
+        self.dropped += n
+        self._unreported += n
+        if self.overflow is not None:
+            self.overflow.inc("api", by=n)
 
     async def flush(self) -> None:
         touches, self._touches = self._touches, {}
         entries, self._entries = self._entries, []
-        if not touches and not entries:
+        refused, self._refused = self._refused, {}
+        unreported, self._unreported = self._unreported, 0
+        self._bytes = 0
+        if not touches and not entries and not refused and not unreported:
             return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
-                if entries:
-                    pipe.rpush(ACCESS_LOG_KEY, *[self.encode(e) for e in entries])
+                appends = await self.access_log.queue_append(pipe, entries) if entries else 0
+                await self.access_log.queue_refused(pipe, refused)
+                if unreported:
+                    self.access_log.queue_overflow(pipe, "api", unreported)
                 await self.activity.queue_touches(pipe, touches.items())
-                await pipe.execute()
+                results = await pipe.execute()
         except Exception as exc:
-            for user_id, at in touches.items():
-                self.touch(user_id, at)
-            backlog = entries + self._entries
-            if len(backlog) > self.max_backlog:
-                self.dropped += len(backlog) - self.max_backlog
-                backlog = backlog[-self.max_backlog :]
-            self._entries = backlog
-            if self._should_warn():
-                log.warning(
-                    "activity/access-log flush failed; kept for the next try",
-                    extra={
-                        "error": str(exc)[:300],
-                        "waiting": len(backlog),
-                        "dropped": self.dropped,
-                    },
-                )
+            self._keep(touches, entries, refused, unreported, exc)
+            return
+        over_cap = sum(int(n) for n in results[:appends])
+        if over_cap and self.overflow is not None:
+            self.overflow.inc("redis", by=over_cap)
+
+    def _keep(
+        self,
+        touches: dict[str, float],
+        entries: list[str],
+        refused: dict[RefusedKey, int],
+        unreported: int,
+        exc: Exception,
+    ) -> None:
+        """A failed push: everything goes back for the next try, within the caps."""
+        for user_id, at in touches.items():
+            self.touch(user_id, at)
+        for key, n in refused.items():
+            if key not in self._refused and len(self._refused) >= self.max_refused_keys:
+                key = (key[0], key[1], key[2], "*")
+            self._refused[key] = self._refused.get(key, 0) + n
+        self._unreported += unreported
+        backlog = entries + self._entries
+        size = sum(len(e) for e in backlog)
+        cut = 0
+        while cut < len(backlog) and (
+            len(backlog) - cut > self.max_backlog or size > self.max_bytes
+        ):
+            size -= len(backlog[cut])
+            cut += 1
+        if cut:
+            self._drop(cut)  # the oldest go: the newest are the likelier to matter next
+        self._entries = backlog[cut:]
+        self._bytes = size
+        if self._should_warn():
+            log.warning(
+                "activity/access-log flush failed; kept for the next try",
+                extra={
+                    "error": str(exc)[:300],
+                    "waiting": len(self._entries),
+                    "dropped": self.dropped,
+                },
+            )
 
     def _should_warn(self) -> bool:
         """While Redis is down a flush fails every interval: one warning per 10 s is enough."""

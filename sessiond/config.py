@@ -51,8 +51,11 @@ class Settings(BaseSettings):
     retry_max_age_s: int = Field(default=3600, ge=1)
     # How long the de-duplication ledger remembers an event (``storage.retention``); 0 = forever.
     dedup_retention_s: int = Field(default=7 * 86_400, ge=0)
-    # How long audit rows are kept (``storage.retention``); 0 = forever, the default.
-    audit_retention_s: int = Field(default=0, ge=0)
+    # How long audit rows are kept, by class (``storage.retention``: whole daily partitions are
+    # dropped); 0 = forever. Access: decisions, refused-token counts, overflow counts.
+    audit_access_retention_days: int = Field(default=30, ge=0)
+    audit_lifecycle_retention_days: int = Field(default=400, ge=0)
+    audit_partitions_ahead_days: int = Field(default=7, ge=1, le=366)
     keycloak_exchange: str | None = None
     # Client events and (CONTRACT §8) admin events: revocations by a Keycloak administrator.
     keycloak_routing_keys: str = "KK.EVENT.CLIENT.#,KK.EVENT.ADMIN.#"
@@ -89,6 +92,16 @@ class Settings(BaseSettings):
     jwt_audience: str | None = None
     jwt_max_bytes: int = Field(default=8192, ge=256)
 
+    # Bounds of the access journal's buffers (``storage.activity``, ``api.recorder``): past a cap
+    # entries are counted (``access_log_overflow``), not stored.
+    access_log_max_entries: int = Field(default=1_000_000, ge=1)
+    access_log_max_bytes: int = Field(default=256 * 2**20, ge=1024)
+    access_refused_max_keys: int = Field(default=100_000, ge=1)
+    api_buffer_max_entries: int = Field(default=200_000, ge=1)
+    api_buffer_max_bytes: int = Field(default=64 * 2**20, ge=1024)
+    access_log_page: int = Field(default=5_000, ge=1, le=100_000)
+    # Start-up check of Redis ``maxmemory-policy`` (``storage.cache.check_memory_policy``).
+    redis_policy_check: bool = True
     # OIDC Back-Channel Logout (CONTRACT §8): accepted ``aud`` values (comma-separated; unset =
     # the route is off, 404) and the issuer (default: ``SESSIOND_JWT_ISSUER``).
     backchannel_audience: str | None = None

@@ -11,9 +11,12 @@ Activity (``ActivityBuffer``, the ``activity`` hash: user id → newest request 
   arrived during the flush keeps its newer entry. A crash at any point leaves the entries for the
   next flush. Entries are never moved aside, so no reader can miss one in flight.
 
-Access decisions (``AccessLog``): the list is renamed aside, journaled into ``audit_events`` with
-one multi-row ``INSERT`` per batch, and deleted after the commit (a crash in between journals that
-batch twice on the next flush, never loses it).
+Access decisions (``AccessLog``): the oldest page of the list is read, journaled into
+``audit_events`` with one multi-row ``INSERT``, and trimmed off after the commit (a crash in
+between journals that one page twice on the next flush, never loses it). Memory is one page,
+whatever the backlog; one flush drains for at most ``DRAIN_BUDGET_S`` so that it stays well inside
+the lock's TTL, and the next tick goes on. Then the refused-token counts of closed minutes and the
+overflow counts are journaled, each taken away only by what was written.
 
 Flushes and expiry sweeps take one Redis lock (``lock:activity``) so that they never overlap: no
 two flushes write the same rows at once, and a sweep's own flush is the only one while it runs.
@@ -34,18 +37,26 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 from tortoise.backends.base.client import BaseDBAsyncClient
 
-from storage import journal
-from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
+from storage.activity import (
+    ACTIVITY_KEY,
+    REFUSED_DECISION,
+    AccessLog,
+    ActivityBuffer,
+    RefusedKey,
+)
 from storage.cache import user_key
 from storage.db import conn
+from storage.journal import write_audit
 
 log = logging.getLogger(__name__)
+
+ACCESS_KIND = "access"
+OVERFLOW_KIND = "access_log_overflow"
 
 BATCH_SIZE = 10_000
 ACTIVITY_LOCK_KEY = "lock:activity"
 LOCK_TTL_S = 60.0
-# Access log: a leftover key from a crashed flush first, then the live key.
-DRAIN_ROUNDS = 2
+DRAIN_BUDGET_S = 20.0
 
 CAS_ATTEMPTS = 3
 CACHE_CHUNK = 1000  # users per script call: a few milliseconds of Redis time each
@@ -99,6 +110,11 @@ class FlushResult:
     users_updated: int = 0
     cache_refreshed: int = 0
     access_entries: int = 0
+    access_pages: int = 0
+    access_backlog: int = 0
+    refused_rows: int = 0
+    refused_count: int = 0
+    overflow_count: int = 0
     batches: int = 0
     seconds: float = 0.0
     skipped: bool = False
@@ -251,13 +267,14 @@ def _text(value: Any, limit: int) -> str | None:
     return str(value)[:limit]
 
 
-def access_row(
-    entry: dict[str, Any],
-) -> tuple[datetime | None, str | None, str | None, str | None, str]:
+AuditRow = tuple[datetime | None, str | None, str | None, str, str | None, str, str]
+
+
+def access_row(entry: dict[str, Any]) -> AuditRow:
     """One access decision as audit columns. Only known fields are kept: an entry never carries a
     token or a header into the journal (CONTRACT §5). Over-long values are cut to the column size
     so that one odd entry cannot block a whole batch."""
-    detail = {
+    detail: dict[str, Any] = {
         "decision": _text(entry.get("decision"), 32),
         "route": _text(entry.get("route"), 256),
     }
@@ -267,24 +284,64 @@ def access_row(
         _when(entry.get("at")),
         _text(entry.get("user_id"), 128),
         _text(entry.get("session_id"), 128),
+        ACCESS_KIND,
         _text(entry.get("reason"), 64),
+        "api",
         json.dumps(detail, separators=(",", ":")),
     )
 
 
+def refused_row(key: RefusedKey, count: int) -> AuditRow:
+    """One row for all the refused tokens of one (minute, route, reason, client address)."""
+    minute, route, reason, client_address = key
+    detail = {
+        "decision": REFUSED_DECISION,
+        "route": route[:256],
+        "client": client_address[:64] or None,
+        "count": count,
+    }
+    at = datetime.fromtimestamp(minute, tz=UTC)
+    return (at, None, None, ACCESS_KIND, reason[:64] or None, "api", json.dumps(detail))
+
+
 async def drain_access_log(
-    access_log: AccessLog, db: BaseDBAsyncClient, result: FlushResult, *, batch_size: int
+    access_log: AccessLog,
+    db: BaseDBAsyncClient,
+    result: FlushResult,
+    *,
+    batch_size: int,
+    budget_s: float = DRAIN_BUDGET_S,
+    now: float | None = None,
 ) -> None:
-    for _ in range(DRAIN_ROUNDS):
-        key, entries = await access_log.drain()
-        if key is None:
-            return
-        rows = [access_row(e) for e in entries if isinstance(e, dict)]
-        for batch in chunks(rows, batch_size):
-            await journal.write_access(db, batch)
-            result.batches += 1
-        await access_log.ack(key)
-        result.access_entries += len(rows)
+    """Pages of ``batch_size`` entries, then the refused counts, then the overflow counts."""
+    deadline = time.monotonic() + budget_s
+    while time.monotonic() < deadline:
+        page = await access_log.read_page(batch_size)
+        if page is None:
+            break
+        await write_audit(db, [access_row(e) for e in page.entries])
+        await access_log.ack(page)
+        result.access_entries += len(page.entries)
+        result.access_pages += 1
+        result.batches += 1
+    result.access_backlog = await access_log.backlog()
+    closed = await access_log.closed_refused(time.time() if now is None else now)
+    for start in range(0, len(closed), batch_size):
+        part = closed[start : start + batch_size]
+        await write_audit(db, [refused_row(key, n) for _, key, n in part])
+        await access_log.ack_refused([(field, n) for field, _, n in part])
+        result.refused_rows += len(part)
+        result.refused_count += sum(n for _, _, n in part)
+    overflow = await access_log.overflow()
+    if overflow:
+        rows: list[AuditRow] = [
+            (None, None, None, OVERFLOW_KIND, "cap", "api", json.dumps({"dropped": n, "buffer": b}))
+            for b, n in sorted(overflow.items())
+        ]
+        await write_audit(db, rows)
+        await access_log.ack_overflow(overflow)
+        result.overflow_count += sum(overflow.values())
+        log.warning("access log over its cap: entries counted, not stored", extra=overflow)
 
 
 async def flush_pending(

@@ -75,9 +75,7 @@ async def write_access(
 ) -> None:
     """Journals access decisions, each ``(occurred_at, user_id, session_id, reason, detail)``
     with ``detail`` already JSON-encoded (``storage.flush.access_row``)."""
-    if rows:
-        audit = [(at, u, s, ACCESS_KIND, r, ACCESS_SOURCE, d) for at, u, s, r, d in rows]
-        await db.execute_query(_AUDIT, [list(col) for col in zip(*audit, strict=True)])
+    await write_audit(db, [(at, u, s, ACCESS_KIND, r, ACCESS_SOURCE, d) for at, u, s, r, d in rows])
 
 
 @dataclass(slots=True)
@@ -127,3 +125,11 @@ class Journal:
         self.users.clear()
         self.audit.clear()
         self.outbox.clear()
+
+
+async def write_audit(db: BaseDBAsyncClient, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Audit rows outside a unit of work (the access journal's flush: decisions, refused-token
+    counts, overflow counts), with the same statement: ``(occurred_at, user_id, session_id,
+    kind, reason, source, detail JSON)`` each."""
+    if rows:
+        await db.execute_query(_AUDIT, [list(col) for col in zip(*rows, strict=True)])

@@ -87,7 +87,13 @@ class ProcessedEvent(Model):
 
 
 class AuditEvent(Model):
-    """Append-only journal of lifecycle changes and access decisions (CONTRACT §5)."""
+    """Append-only journal of lifecycle changes and access decisions (CONTRACT §5).
+
+    Partitioned by migration 0006 (LIST on ``kind``: access / lifecycle, then RANGE on ``at``:
+    one partition a UTC day; ``storage.retention`` creates and drops them). PostgreSQL requires
+    the partition keys in the primary key, so the table's key is ``(id, kind, at)``; Tortoise
+    knows ``id`` as the key, which stays unique (one sequence feeds every partition). The schema
+    is the migrations' (``RunSQL``): generate_schemas would build an unpartitioned table."""
 
     id = fields.BigIntField(pk=True)
     at = fields.DatetimeField(auto_now_add=True)

@@ -14,7 +14,10 @@ def start(cfg: StackConfig) -> None:
     logf = cfg.logfile("redis")
     run(
         ["redis-server", "--port", str(cfg.redis_port), "--bind", "127.0.0.1",
-         "--dir", str(data), "--save", "", "--appendonly", "no", "--daemonize", "yes",
+         "--dir", str(data), "--save", "", "--appendonly", "no",
+         # sessiond keeps state in Redis, not only a cache: never evict (storage.redis_policy)
+         "--maxmemory", "1gb", "--maxmemory-policy", "noeviction",
+         "--daemonize", "yes",
          "--pidfile", str(cfg.pidfile("redis")), "--logfile", str(logf)],
         server="redis",
         logfile=logf,

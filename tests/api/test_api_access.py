@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY
+from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY, REFUSED_KEY
 from storage.cache import user_key
 from tests.api.conftest import Api, mint
 
@@ -118,11 +118,17 @@ async def test_grants_record_activity_and_every_decision_is_journaled(api: Api) 
     assert summary == [
         ("12", None, "granted", None),
         ("12", "gone", "forbidden", "session_ended"),
-        (None, None, "invalid_token", "malformed"),
     ]
     for entry in entries:
         assert entry["route"] == "/auth/check"
         assert datetime.fromisoformat(entry["at"]) > datetime.now(UTC) - timedelta(minutes=1)
+    # A refused token is counted per (minute, route, reason, client address), not stored
+    refused = await api.cache.client.hgetall(REFUSED_KEY)
+    assert len(refused) == 1
+    [(field, count)] = refused.items()
+    minute, route, reason, client = json.loads(field)
+    assert (route, reason, client, int(count)) == ("/auth/check", "malformed", "127.0.0.1", 1)
+    assert minute % 60 == 0 and abs(minute - api.clock()) < 120
 
 
 async def test_no_postgres_write_per_request(api: Api) -> None:

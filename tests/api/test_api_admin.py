@@ -11,7 +11,7 @@ from tests.api.conftest import Api, http, mint
 
 pytestmark = pytest.mark.integration
 
-ADMIN = mint("root", roles=["admin"], ttl=3600)
+ADMIN = mint("root", roles=["admin"], ttl=86_400)  # minted at collection: outlives the suite
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from tests.api.conftest import Api, ApiFactory, Reply, mint
 pytestmark = pytest.mark.integration
 
 PAUSE_S = 16.0  # the reproduction; the old reconciler looked 10 s back
-ADMIN = mint("root", roles=["admin"], ttl=3600)
+ADMIN = mint("root", roles=["admin"], ttl=86_400)  # minted at collection: outlives the suite
 
 
 @pytest.fixture

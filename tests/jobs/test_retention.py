@@ -78,26 +78,14 @@ async def test_a_redelivered_event_past_the_retention_changes_nothing(
 async def test_the_sweep_job_purges_and_a_dry_run_does_not(
     db: Settings, pg: asyncpg.Connection, cache: cache_mod.Cache
 ) -> None:
-    # Given an 8-day-old ledger row, and audit rows of 40 and 20 days ago
+    # Given an 8-day-old ledger row
     await pg.execute(
         "INSERT INTO processed_events (key, user_id, processed_at) VALUES ('old', 'u', $1)",
         NOW - timedelta(days=8),
     )
-    for days in (40, 20):
-        await pg.execute(
-            "INSERT INTO audit_events (at, kind, source) VALUES ($1, 'connected', 'test')",
-            NOW - timedelta(days=days),
-        )
     # A dry run deletes nothing
     dry = await sweep_job(db, cache, now=NOW, dry_run=True)
     assert "dedup_purged" not in dry and await ledger(pg) == 1
-    # By default the ledger is pruned and the audit trail kept
+    # By default the ledger is pruned (audit partitions: tests/jobs/test_partitions.py)
     done = await sweep_job(db, cache, now=NOW)
     assert done["dedup_purged"] == 1 and await ledger(pg) == 0
-    assert "audit_purged" not in done
-    assert await pg.fetchval("SELECT count(*) FROM audit_events") == 2
-    # With an audit retention of 30 days, the older audit row goes
-    kept_30_days = db.model_copy(update={"audit_retention_s": 30 * 86_400})
-    done = await sweep_job(kept_30_days, cache, now=NOW)
-    assert done["audit_purged"] == 1
-    assert await pg.fetchval("SELECT count(*) FROM audit_events") == 1

@@ -96,7 +96,7 @@ async def api(api_factory: ApiFactory) -> Api:
 
 
 @pytest.fixture
-def plugin(worker: Process, settings: Settings, broker_client: Amqp, api: Api) -> Iterator[Plugin]:
+def plugin(worker: Process, settings: Settings, api: Api) -> Iterator[Plugin]:
     kc_client = Plugin(settings)
     wait_until(kc_client.consumed, timeout=60)
     kc_client.ch.queue_purge(QUEUE)

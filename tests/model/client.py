@@ -42,7 +42,7 @@ HTTP_TIMEOUT_S = 5.0
 def mint(secret: str, sub: str, *, sid: str | None = None, roles: list[str] | None = None) -> str:
     """A token as ``sessiond token`` makes it (HS256, ``iat``, one hour)."""
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": sub, "iat": now - 5, "exp": now + 3600}
+    claims: dict[str, Any] = {"sub": sub, "iat": now, "exp": now + 3600}
     if sid is not None:
         claims["sid"] = sid
     if roles:

@@ -109,6 +109,11 @@ def history(seed: int, index: int, *, run: str) -> History:
             steps.append(Step("late"))
             steps.append(Step("login" if rng.random() < 0.5 else "logout", session, with_id))
         elif roll < 0.93 and timed:
+            # A second for the login to be applied and cached first: an admin disconnect that
+            # must evict a cached entry is the interesting one (issue 11 scenario 2).
+            steps.append(Step("login", session, with_id))
+            steps.append(Step("pause", seconds=1.0))
+            steps.append(Step("probe", probes=(Probe(session, "/auth/check"),)))
             steps.append(Step("admin"))
         elif roll < 0.96 and timed and not idled:
             idled = True

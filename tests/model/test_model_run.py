@@ -16,8 +16,10 @@ from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.model, pytest.mark.integration, pytest.mark.slow]
 
-FIXED_SEED = 20261201
-MINUTES = 0.25  # new histories start for 15 s; with set-up, tails and the final check, ~1 min
+# Its nemesis starts with Redis paused 16 s (longer than the reconciler's old 10 s look-back,
+# issue 11 scenario 2); a RabbitMQ restart, the slowest fault here, is left to random seeds.
+FIXED_SEED = 20261263
+MINUTES = 0.15  # new histories start for 9 s; with set-up, tails and the final check, ~1 min
 
 
 def run_checker(seed: int) -> subprocess.CompletedProcess[str]:

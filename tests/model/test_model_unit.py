@@ -133,7 +133,9 @@ def test_accepts_a_200_within_the_revocation_bound() -> None:
 def test_accepts_a_200_that_overlaps_the_login_and_refusals_at_any_time() -> None:
     # A login invoked during the request may already be applied; a 403 is never a wrong 200.
     ops = [connect(1, 5.0)]
-    assert verdicts(ops, [get(4.99, 200, took=0.05), get(30, 403), get(1, 503)]) == []
+    revoked = get(30, 401)
+    revoked.reason = "revoked"  # the token fence: a refusal too
+    assert verdicts(ops, [get(4.99, 200, took=0.05), get(30, 403), get(1, 503), revoked]) == []
 
 
 def test_flags_a_200_before_any_login_and_odd_statuses() -> None:

@@ -15,7 +15,7 @@ from storage import block
 from tests.api.conftest import Api, ApiFactory, mint
 
 pytestmark = pytest.mark.integration
-ADMIN = mint("root", roles=["admin"])
+ADMIN = mint("root", roles=["admin"], ttl=86_400)  # minted at collection: outlives the suite
 
 
 @pytest.fixture

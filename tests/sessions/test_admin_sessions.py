@@ -14,7 +14,7 @@ from tests.sessions.conftest import kinds, outbox_rows
 
 pytestmark = pytest.mark.integration
 
-ADMIN = mint("root", roles=["admin"], ttl=3600)
+ADMIN = mint("root", roles=["admin"], ttl=86_400)  # minted at collection: outlives the suite
 
 
 async def delete(api: Api, path: str, **kwargs: Any) -> Reply:
