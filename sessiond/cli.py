@@ -18,6 +18,7 @@ from typing import Any
 
 from sessiond.config import get_settings
 from sessiond.logs import setup_logging
+from sessiond.stack.proc import StackError
 
 log = logging.getLogger("sessiond.cli")
 
@@ -344,7 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(get_settings().log_level)
     if args.command == "dlq" and args.action == "list" and args.limit is None:
         args.limit = 100
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except StackError as exc:
+        # One line that names the server and its log; the traceback would only hide it.
+        log.error(str(exc), extra={"server": exc.server, "log": str(exc.logfile or "")})
+        return 1
     return code
 
 

