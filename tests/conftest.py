@@ -130,9 +130,19 @@ def migrated(settings: Settings) -> Settings:
 
 
 async def truncate(settings: Settings) -> None:
+    """A worker of the previous test may still be finishing a transaction on these tables in
+    another lock order: PostgreSQL then picks the TRUNCATE as the deadlock victim, and it tries
+    again rather than failing the next test's set-up."""
     conn = await asyncpg.connect(settings.database_url)
     try:
-        await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+        for attempt in range(5):
+            try:
+                await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+                return
+            except asyncpg.exceptions.DeadlockDetectedError:
+                if attempt == 4:
+                    raise
+                await asyncio.sleep(0.5)
     finally:
         await conn.close()
 

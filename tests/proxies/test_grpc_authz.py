@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -184,6 +185,14 @@ def grpc_listeners(port: int) -> int:
     return count
 
 
+def http_ok(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/live", timeout=2) as reply:
+            return int(reply.status) == 200
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 async def test_every_sanic_worker_serves_grpc_on_one_port(
     migrated: Any, spawn: Callable[..., Process]
@@ -201,6 +210,9 @@ async def test_every_sanic_worker_serves_grpc_on_one_port(
         timeout=60,
     )
     assert proc.alive(), proc.output()[-3000:]
+    # (and HTTP too: Sanic 25.12 can hang on a SIGTERM that lands while its workers still start)
+    await async_wait_until(lambda: asyncio.to_thread(http_ok, http_port), timeout=60)
+    await asyncio.sleep(1.5)
     for _ in range(4):  # new connections, spread by the kernel
         async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             response = await Envoy(channel).check(mint("nobody"))
