@@ -53,11 +53,13 @@ async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Ou
     outcomes: list[state.Outcome] = []
     for start in range(0, len(changes), chunk):
         done = await state.apply_events(changes[start : start + chunk])
-        await cache.sync_many([o.snapshot for o in done if o.snapshot])
-        for outcome in done:  # also heals a lost mirror when a blocked user's login is refused
+        # The mirror before the eviction: the first refusal a blocked user sees already says
+        # ``blocked``. It also heals a lost mirror when a blocked user's login is refused.
+        for outcome in done:
             snap = outcome.snapshot
             if snap is not None and (snap.blocked or outcome.user_id in blocks):
                 await block.mirror(cache.client, outcome)
+        await cache.sync_many([o.snapshot for o in done if o.snapshot])
         outcomes += done
     return outcomes
 

@@ -181,8 +181,8 @@ async def block_route(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
     _id(user_id, "user_id")
     outcome = await block.block_user(user_id, source="admin")
+    await block.mirror(request.app.ctx.redis, outcome)  # first: the first refusal says why
     await request.app.ctx.reconciler.publish(outcome)
-    await block.mirror(request.app.ctx.redis, outcome)
     return _block_answer(user_id, outcome)
 
 
@@ -193,6 +193,6 @@ async def unblock_route(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
     await _load_user(_id(user_id, "user_id"))
     outcome = await block.unblock_user(user_id, source="admin")
+    await block.mirror(request.app.ctx.redis, outcome)  # first: the first refusal says why
     await request.app.ctx.reconciler.publish(outcome)
-    await block.mirror(request.app.ctx.redis, outcome)
     return _block_answer(user_id, outcome)
