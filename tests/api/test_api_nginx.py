@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -15,24 +14,12 @@ from urllib.parse import urlsplit
 import pytest
 
 from tests.api.conftest import Api, free_port, mint
+from tests.proxies.conftest import NGINX_MAIN, nginx_binary
 
 pytestmark = pytest.mark.integration
 
-NGINX_CONF = """
-daemon off;
-master_process on;
-worker_processes 1;
-{user}
-pid {dir}/nginx.pid;
-error_log {dir}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/tmp/body;
-    proxy_temp_path {dir}/tmp/proxy;
-    fastcgi_temp_path {dir}/tmp/fastcgi;
-    uwsgi_temp_path {dir}/tmp/uwsgi;
-    scgi_temp_path {dir}/tmp/scgi;
+# The server block of this test; the main file around it is the proxies suite's (one copy).
+NGINX_SERVER = """
     upstream sessiond {{ server {api}; keepalive 8; }}
     server {{
         listen 127.0.0.1:{port};
@@ -72,14 +59,7 @@ http {{
             return 200 "user=$http_x_user_id session=$http_x_session_id\\n";
         }}
     }}
-}}
 """
-
-
-def _nginx_binary() -> str:
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else "")
-    assert found, "nginx is not installed (apt-get install -y nginx-light)"
-    return found
 
 
 @pytest.fixture
@@ -90,17 +70,13 @@ def nginx(api: Api, tmp_path: Path) -> Iterator[str]:
     (root / "static" / "hello.txt").write_text("hello from a protected file\n")
     port = free_port()
     conf = root / "nginx.conf"
-    conf.write_text(
-        NGINX_CONF.format(
-            dir=root,
-            port=port,
-            api=urlsplit(api.url).netloc,
-            # Workers of a root master run as "nobody", which cannot read pytest's tmp dir.
-            user="user root;" if os.geteuid() == 0 else "",
-        )
+    (root / "sessiond.conf").write_text(
+        NGINX_SERVER.format(dir=root, port=port, api=urlsplit(api.url).netloc)
     )
+    # Workers of a root master run as "nobody", which cannot read pytest's tmp dir.
+    conf.write_text(NGINX_MAIN.format(dir=root, user="user root;" if os.geteuid() == 0 else ""))
     proc = subprocess.Popen(
-        [_nginx_binary(), "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
+        [nginx_binary(), "-p", str(root), "-c", str(conf), "-e", str(root / "error.log")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
