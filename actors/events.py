@@ -46,7 +46,7 @@ async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Ou
     if touches:
         buffer = ActivityBuffer(cache.client)
         for ev in touches:
-            await buffer.touch(ev.user_id, ev.occurred_at.timestamp())
+            await buffer.touch(ev.user_id, ev.occurred_at.timestamp(), session_id=ev.session_id)
     changes = [ev for ev in expanded if ev.kind != "activity"]
     blocks = {ev.user_id for ev in changes if ev.kind in ("blocked", "unblocked")}
     chunk = max(len(changes) if len(changes) == len(events) else EXPANDED_CHUNK, 1)

@@ -60,6 +60,7 @@ async def sweep_job(
         access_log=AccessLog.configured(cache.client, settings),
         now=now,
         idle_timeout_s=settings.idle_timeout_s,
+        idle_scope=settings.idle_scope,
         batch_size=settings.expiry_batch_size,
         dry_run=dry_run,
         session_max_s=settings.session_max_s or None,

@@ -4,6 +4,16 @@ Hot path (a cache hit of an active user): one Redis ``GET user:<id>``; the pendi
 ``HGET`` only when the cached times alone say "idle". A miss reads ``gone:<id>`` first: a user
 whose logout Redis saw is refused without a PostgreSQL query.
 
+Idle timeout (CONTRACT §8): by default each session is measured on its own, from the newest sign
+of life of the token's session (``sid``; a token without one is the implicit session's, that of
+events without ``session_id``): the cached ``session_seen``, then this process's buffer, then the
+``activity:sessions`` hash. Only when all three say "idle" is PostgreSQL asked before refusing:
+the flush moves a time from the hash to the row and the cache, and a state change's snapshot read
+before that move may have replaced the cache's since, so the row is the one place a time still
+is. A token without ``sid`` of a user with no implicit session open, an entry cached before the
+sessions had times, and ``SESSIOND_IDLE_SCOPE=user`` are measured per user (the user's newest
+request keeps all of their sessions alive).
+
 Writes never happen per request: granted requests and decisions go to a per-process ``Recorder``
 (``api.recorder``) that pushes them to Redis in batches (``activity`` hash, ``audit:access``
 list), from where the flush job moves them to PostgreSQL.
@@ -34,8 +44,9 @@ from api.cachetrust import REDIS_UNAVAILABLE, RedisTrust, refill
 from api.metrics import Metrics
 from api.recorder import Recorder
 from api.tokens import Principal, TokenError, TokenValidator, predates_fence
+from sessiond.config import IdleScope
 from sessiond.errors import DependencyUnavailable, SessiondError
-from storage.activity import ActivityBuffer
+from storage.activity import IMPLICIT_SESSION, ActivityBuffer
 from storage.block import blocked_key
 from storage.cache import Cache, UserSnapshot, gone_key, user_key
 from storage.db import DB_CONNECTION_ERRORS
@@ -53,6 +64,7 @@ CONNECTED: Final = "connected"
 _TIME_FIELDS: Final = ("seen_at", "last_activity_at", "connected_at")
 _STARTED: Final = "_session_started_epoch"  # parsed once per cached entry, never sent out
 _FENCE: Final = "_logged_out_epoch"
+_SEEN: Final = "_session_seen_epoch"
 
 DB_UNAVAILABLE: Final = (OSError, TimeoutError, *DB_CONNECTION_ERRORS)
 
@@ -137,6 +149,7 @@ class AccessControl:
         clock: Clock,
         idle_timeout_s: float,
         session_max_s: float | None = None,
+        idle_scope: IdleScope = "session",
     ) -> None:
         self.tokens = tokens
         self.cache = cache
@@ -148,6 +161,7 @@ class AccessControl:
         self.metrics = metrics
         self.clock = clock
         self.idle_timeout_s = idle_timeout_s
+        self.per_session = idle_scope == "session"
         self.session_max_s = session_max_s or None
         self._decisions = metrics.decisions
         self._cache_hits = metrics.cache
@@ -267,24 +281,46 @@ class AccessControl:
         now = self.clock()
         if self.session_max_s is not None and self._past_lifetime(user, sid, now):
             raise self.refuse(principal, route, "max_lifetime")
-        if last is not None and now - last > self.idle_timeout_s:
+        key = sid if sid is not None else IMPLICIT_SESSION
+        seen = user[_SEEN].get(key) if self.per_session else None
+        if seen is not None:
+            if await self._session_idle(user_id, key, seen, now):
+                raise self.refuse(principal, route, "idle_timeout")
+        elif last is not None and now - last > self.idle_timeout_s:
             last = max(last, self.recorder.pending(user_id) or 0.0)
             if now - last > self.idle_timeout_s:
                 pending = await self._pending_activity(user_id)
                 if pending is None or now - pending.timestamp() > self.idle_timeout_s:
                     raise self.refuse(principal, route, "idle_timeout")
-        self.recorder.touch(user_id, now)
+        self.recorder.touch(user_id, key, now)
         self.recorder.record(now, user_id, sid, GRANTED, None, route)
         self._decisions.inc(route, GRANTED, "")
         return Grant(principal, user)
 
-    async def _pending_activity(self, user_id: str) -> datetime | None:
-        """Activity still in the Redis hash. Without Redis it is unknown: a user that PostgreSQL
-        alone calls idle may have been active a second ago, so the answer is 503, not a guess."""
+    async def _session_idle(self, user_id: str, sid: str, seen: float, now: float) -> bool:
+        """The session's newest sign of life is older than the timeout everywhere it can be:
+        the cached time, this process's buffer, Redis's, and finally its PostgreSQL row (see the
+        module's docstring; a session no longer open there is idle too)."""
+        limit = self.idle_timeout_s
+        if now - max(seen, self.recorder.pending(user_id, sid) or 0.0) <= limit:
+            return False
+        pending = await self._pending_activity(user_id, sid)
+        if pending is not None and now - pending.timestamp() <= limit:
+            return False
+        row = await self._load(user_id)
+        at = row.session_seen.get(sid) if row is not None else None
+        return at is None or now - at.timestamp() > limit
+
+    async def _pending_activity(
+        self, user_id: str, session_id: str | None = None
+    ) -> datetime | None:
+        """Activity still in a Redis hash (the user's, or one session's). Without Redis it is
+        unknown: a user that PostgreSQL alone calls idle may have been active a second ago, so
+        the answer is 503, not a guess."""
         if self._redis_down:
             raise DependencyUnavailable("redis: pending activity unknown")
         try:
-            return await self.activity.pending(user_id)
+            return await self.activity.pending(user_id, session_id)
         except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
             raise DependencyUnavailable("redis: pending activity unknown") from exc
@@ -307,6 +343,8 @@ class AccessControl:
         started = ((sid, _epoch(at)) for sid, at in (user.get("session_started") or {}).items())
         user[_STARTED] = {sid: t for sid, t in started if t is not None}
         user[_FENCE] = _epoch(user.get("logged_out_at"))
+        seen = ((sid, _epoch(at)) for sid, at in (user.get("session_seen") or {}).items())
+        user[_SEEN] = {sid: t for sid, t in seen if t is not None}
         parsed = (user, max(times) if times else None)
         if len(self._parsed) >= 10_000:
             self._parsed.clear()

@@ -141,6 +141,7 @@ async def _open(app: App) -> None:
         metrics=ctx.metrics,
         clock=ctx.clock,
         idle_timeout_s=settings.idle_timeout_s,
+        idle_scope=settings.idle_scope,
         session_max_s=settings.session_max_s,
     )
     if ctx.tokens.keys is not None:

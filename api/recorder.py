@@ -68,6 +68,7 @@ class Recorder:
         self.dropped = 0
         self._unreported = 0  # dropped here, not yet counted in Redis
         self._touches: dict[str, float] = {}
+        self._session_touches: dict[tuple[str, str], float] = {}
         self._entries: list[str] = []
         self._bytes = 0
         self._refused: dict[RefusedKey, int] = {}
@@ -76,12 +77,19 @@ class Recorder:
         self._stopping = False
         self._warned_at = float("-inf")
 
-    def touch(self, user_id: str, at: float) -> None:
+    def touch(self, user_id: str, session_id: str, at: float) -> None:
+        """A granted request of a user's session (``""``: the implicit one): both levels."""
         if at > self._touches.get(user_id, 0.0):
             self._touches[user_id] = at
+        key = (user_id, session_id)
+        if at > self._session_touches.get(key, 0.0):
+            self._session_touches[key] = at
 
-    def pending(self, user_id: str) -> float | None:
-        return self._touches.get(user_id)
+    def pending(self, user_id: str, session_id: str | None = None) -> float | None:
+        """This process's newest request not yet pushed: the user's, or one session's."""
+        if session_id is None:
+            return self._touches.get(user_id)
+        return self._session_touches.get((user_id, session_id))
 
     def record(
         self,
@@ -118,11 +126,12 @@ class Recorder:
 
     async def flush(self) -> None:
         touches, self._touches = self._touches, {}
+        sessions, self._session_touches = self._session_touches, {}
         entries, self._entries = self._entries, []
         refused, self._refused = self._refused, {}
         unreported, self._unreported = self._unreported, 0
         self._bytes = 0
-        if not touches and not entries and not refused and not unreported:
+        if not touches and not sessions and not entries and not refused and not unreported:
             return
         try:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -130,10 +139,11 @@ class Recorder:
                 await self.access_log.queue_refused(pipe, refused)
                 if unreported:
                     self.access_log.queue_overflow(pipe, "api", unreported)
-                await self.activity.queue_touches(pipe, touches.items())
+                session_touches = [(u, s, at) for (u, s), at in sessions.items()]
+                await self.activity.queue_touches(pipe, touches.items(), session_touches)
                 results = await pipe.execute()
         except Exception as exc:
-            self._keep(touches, entries, refused, unreported, exc)
+            self._keep(touches, sessions, entries, refused, unreported, exc)
             return
         over_cap = sum(int(n) for n in results[:appends])
         if over_cap and self.overflow is not None:
@@ -142,6 +152,7 @@ class Recorder:
     def _keep(
         self,
         touches: dict[str, float],
+        sessions: dict[tuple[str, str], float],
         entries: list[str],
         refused: dict[RefusedKey, int],
         unreported: int,
@@ -149,7 +160,11 @@ class Recorder:
     ) -> None:
         """A failed push: everything goes back for the next try, within the caps."""
         for user_id, at in touches.items():
-            self.touch(user_id, at)
+            if at > self._touches.get(user_id, 0.0):
+                self._touches[user_id] = at
+        for pair, at in sessions.items():
+            if at > self._session_touches.get(pair, 0.0):
+                self._session_touches[pair] = at
         for key, n in refused.items():
             if key not in self._refused and len(self._refused) >= self.max_refused_keys:
                 key = (key[0], key[1], key[2], "*")

@@ -331,8 +331,8 @@ class Soak:
 async def final_flush(settings: Any) -> None:
     """The refused-token counts of the last minutes are journaled once those minutes end; the
     soak does not wait for that: it journals them now, as the flush would two minutes later."""
+    from storage import access_flush, flush
     from storage import db as db_mod
-    from storage import flush
     from storage.activity import AccessLog
     from storage.cache import connect
 
@@ -340,7 +340,7 @@ async def final_flush(settings: Any) -> None:
     client = connect(settings)
     try:
         result = flush.FlushResult()
-        await flush.drain_access_log(
+        await access_flush.drain_access_log(
             AccessLog(client), db_mod.conn(), result, batch_size=5000, now=time.time() + 130
         )
     finally:

@@ -4,8 +4,8 @@
 it fills ``audit:access`` with that many decisions (the API's own encoding), then runs the flush
 job (``sessiond flush``, the code a worker runs on each tick) until the list is empty, sampling
 each flushing process's RSS every 20 ms. Prints the peak RSS, the drain time and the rows
-written. A flush drains for at most ``storage.flush.DRAIN_BUDGET_S``, so a large backlog takes
-several flushes, as it would take several scheduler ticks.
+written. A flush drains for at most ``storage.access_flush.DRAIN_BUDGET_S``, so a large backlog
+takes several flushes, as it would take several scheduler ticks.
 """
 
 from __future__ import annotations

@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PLACEHOLDER_SECRET = "dev-only-insecure-secret-change-me"  # noqa: S105 - refused in production
 MIN_HMAC_SECRET_BYTES = 32
 
+IdleScope = Literal["session", "user"]
+
 
 class Settings(BaseSettings):
     """Validated at start-up so that a bad deployment fails fast instead of at the first event."""
@@ -72,6 +74,9 @@ class Settings(BaseSettings):
 
     # Timing (CONTRACT §3).
     idle_timeout_s: int = Field(default=1800, ge=1)
+    # What the idle timeout measures (CONTRACT §8): each session on its own (``session``), or the
+    # user as a whole, whose newest request keeps all of their sessions alive (``user``).
+    idle_scope: IdleScope = "session"
     cache_ttl_s: int = Field(default=3600, ge=1)
     # The API's cache reconciler (``storage.reconcile``): period of its turns (0 = off; the API
     # still catches up before trusting a Redis that failed).

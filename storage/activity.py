@@ -2,8 +2,11 @@
 
 The API writes here with O(1) work per request and never touches PostgreSQL; the flush job moves
 both buffers to PostgreSQL in batches (CONTRACT §2, §5), serialised by one Redis lock:
-- activity entries stay in the live hash until PostgreSQL and the cache have them, and are then
-  deleted only if no newer request replaced them (``storage.flush``), so no reader ever misses one;
+- activity is kept at two levels, each a hash of the newest request time: per user (the user's
+  ``seen_at``/``last_activity_at``) and per session (the session's ``last_seen_at``, which the
+  per-session idle timeout measures). A session entry's field is ``session_field``'s. Entries stay
+  in the live hashes until PostgreSQL and the cache have them, and are then deleted only if no
+  newer request replaced them (``storage.flush``), so no reader ever misses one;
 - the access log (``AccessLog``) is a capped list read and trimmed page by page: a flush holds one
   page in memory whatever the backlog, and a crash between a page's insert and its trim journals
   that one page twice, never loses it. Past the caps (entries and bytes) entries are counted in
@@ -20,14 +23,13 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final, cast
+from typing import Any, Final, Literal, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from sessiond.config import Settings
 
-ACTIVITY_KEY = "activity"
 ACCESS_LOG_KEY = "audit:access"
 ACCESS_LOG_BYTES_KEY = "audit:access:bytes"
 ACCESS_LOG_OVERFLOW_KEY = "audit:access:overflow"
@@ -97,37 +99,101 @@ end
 return 1
 """
 
-# KEYS: hash key. ARGV: user id, epoch seconds. Keeps the newest time (never moves backwards).
+# KEYS: hash key. ARGV: field, epoch seconds. Keeps the newest time (never moves backwards).
 _TOUCH = """
 local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
 return 1
 """
 
+Level = Literal["user", "session"]
+IMPLICIT_SESSION: Final = ""
+"""The session of events and tokens without a session id (``storage.rows.IMPLICIT``)."""
+
+
+def activity_key(level: Level) -> str:
+    """The hash buffering one level of activity: ``activity`` (user id → epoch seconds) or
+    ``activity:sessions`` (``session_field`` → epoch seconds). The one place the buffer's key
+    names are built: spreading the buffer over several keys (Redis Cluster slots) changes this
+    function and the loops over its keys, nothing else. Every script call touches one key."""
+    return "activity" if level == "user" else "activity:sessions"
+
+
+def session_field(user_id: str, session_id: str) -> str:
+    """``<length of the user id>:<user id>:<session id>``: unambiguous whatever either holds."""
+    return f"{len(user_id)}:{user_id}:{session_id}"
+
+
+def parse_session_field(field: str) -> tuple[str, str] | None:
+    """``(user id, session id)`` of a ``session_field``; ``None`` for anything else."""
+    size, sep, rest = field.partition(":")
+    if not sep or not size.isdigit() or len(rest) <= int(size) or rest[int(size)] != ":":
+        return None
+    return rest[: int(size)], rest[int(size) + 1 :]
+
 
 def _now() -> float:
     return datetime.now(UTC).timestamp()
 
 
+def _when(raw: bytes | str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
+
+
 class ActivityBuffer:
-    """``activity`` hash: user id → epoch seconds of the newest granted request."""
+    """The activity hashes (``activity_key``): the epoch seconds of the newest granted request
+    of each user and of each session."""
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
         self._touch = client.register_script(_TOUCH)
 
-    async def touch(self, user_id: str, at: float | None = None) -> None:
-        await self._touch(keys=[ACTIVITY_KEY], args=[user_id, at if at is not None else _now()])
+    async def touch(
+        self, user_id: str, at: float | None = None, *, session_id: str | None = None
+    ) -> None:
+        """Activity of a user's session (``None``: the implicit one), at both levels."""
+        when = at if at is not None else _now()
+        async with self.client.pipeline(transaction=False) as pipe:
+            sid = IMPLICIT_SESSION if session_id is None else session_id
+            await self.queue_touches(pipe, [(user_id, when)], [(user_id, sid, when)])
+            await pipe.execute()
 
-    async def queue_touches(self, pipe: Pipeline, touches: Iterable[tuple[str, float]]) -> None:
+    async def queue_touches(
+        self,
+        pipe: Pipeline,
+        users: Iterable[tuple[str, float]],
+        sessions: Iterable[tuple[str, str, float]] = (),
+    ) -> None:
         """Queues many touches on a caller's pipeline: one round trip for a whole batch."""
-        for user_id, at in touches:
-            await self._touch(keys=[ACTIVITY_KEY], args=[user_id, at], client=pipe)
+        for user_id, at in users:
+            await self._touch(keys=[activity_key("user")], args=[user_id, at], client=pipe)
+        for user_id, session_id, at in sessions:
+            field = session_field(user_id, session_id)
+            await self._touch(keys=[activity_key("session")], args=[field, at], client=pipe)
 
-    async def pending(self, user_id: str) -> datetime | None:
-        """The newest activity not yet flushed to PostgreSQL."""
-        raw = await self.client.hget(ACTIVITY_KEY, user_id)
-        return datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
+    async def pending(self, user_id: str, session_id: str | None = None) -> datetime | None:
+        """The newest activity not yet flushed to PostgreSQL: the user's, or one session's."""
+        if session_id is None:
+            return _when(await self.client.hget(activity_key("user"), user_id))
+        field = session_field(user_id, session_id)
+        return _when(await self.client.hget(activity_key("session"), field))
+
+    async def pending_users(self, user_ids: Sequence[str]) -> dict[str, float]:
+        """Buffered activity (epoch seconds) of these users: one ``HMGET``."""
+        if not user_ids:
+            return {}
+        values = await self.client.hmget(activity_key("user"), list(user_ids))
+        return {u: float(v) for u, v in zip(user_ids, values, strict=True) if v is not None}
+
+    async def pending_sessions(
+        self, pairs: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], float]:
+        """Buffered activity (epoch seconds) of these (user, session) pairs: one ``HMGET``."""
+        if not pairs:
+            return {}
+        fields = [session_field(u, s) for u, s in pairs]
+        values = await self.client.hmget(activity_key("session"), fields)
+        return {p: float(v) for p, v in zip(pairs, values, strict=True) if v is not None}
 
 
 RefusedKey = tuple[int, str, str, str]

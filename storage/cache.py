@@ -45,6 +45,9 @@ class UserSnapshot:
     sessions: list[str] = field(default_factory=list)
     # Start time of each open session: the API refuses one older than ``SESSIOND_SESSION_MAX_S``.
     session_started: dict[str, datetime] = field(default_factory=dict)
+    # Newest sign of life of each open session (login, or a request the flush moved here): the
+    # API refuses one idle longer than the timeout (``SESSIOND_IDLE_SCOPE=session``).
+    session_seen: dict[str, datetime] = field(default_factory=dict)
     connected_at: datetime | None = None
     seen_at: datetime | None = None
     last_activity_at: datetime | None = None
@@ -70,6 +73,7 @@ class UserSnapshot:
             "email": self.email,
             "sessions": self.sessions,
             "session_started": {k: v.isoformat() for k, v in self.session_started.items()},
+            "session_seen": {k: v.isoformat() for k, v in self.session_seen.items()},
             "connected_at": iso(self.connected_at),
             "seen_at": iso(self.seen_at),
             "last_activity_at": iso(self.last_activity_at),
@@ -86,6 +90,8 @@ class UserSnapshot:
                 data[key] = datetime.fromisoformat(data[key])
         started = data.get("session_started") or {}  # absent in entries cached by 0.1.0
         data["session_started"] = {k: datetime.fromisoformat(v) for k, v in started.items()}
+        seen = data.get("session_seen") or {}  # absent in entries cached before migration 0007
+        data["session_seen"] = {k: datetime.fromisoformat(v) for k, v in seen.items()}
         return cls(**data)
 
 

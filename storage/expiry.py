@@ -1,22 +1,28 @@
-"""The expiry sweep: connected users silent for longer than the idle timeout are disconnected,
-and sessions past their absolute lifetime end.
+"""The expiry sweep: sessions silent for longer than the idle timeout end (each on its own, or
+all of a silent user's with ``SESSIOND_IDLE_SCOPE=user``), and sessions past their absolute
+lifetime end.
 
 The sweep's SQL only selects candidates; the session rules (``storage.forced``: ``is_idle``,
 ``past_lifetime``, ``expire_idle``, ``expire_lifetime``) decide on the locked rows
 and the unit of work (``storage.unit_of_work``) writes what they changed, as for an event or an
 admin decision: one state machine, one writer of each row.
 
-Idle candidates come from the partial index ``users_idle_idx`` (``seen_at`` of connected users) in
-bounded batches, walked with a keyset on ``(seen_at, id)``. Each batch is one short transaction:
+Idle candidates come in bounded batches, walked with a keyset: with the default per-session
+scope, open sessions by their newest sign of life (``sessions_idle_idx`` on
+``COALESCE(last_seen_at, started_at)``, migration 0007; keyset on that time and the row id); with
+``SESSIOND_IDLE_SCOPE=user``, connected users from ``users_idle_idx`` (keyset on ``(seen_at,
+id)``). Each batch is one short transaction:
 
 1. The batch's users are locked with ``FOR UPDATE SKIP LOCKED``: rows busy in another transaction
    (an event being applied) are left for the next sweep rather than waited for.
-2. Pending activity still in Redis is consulted for the locked users: anyone active within the
-   timeout is spared and that activity is written to their row at once.
-3. The rules end the others' sessions (reason ``idle_timeout``), journal one ``expired`` audit row
-   per ended session (one per user without an open session), write their ``session.ended`` and
-   ``user.disconnected`` events to the outbox (``storage.outbox``), and mark the users
-   disconnected with a bumped ``version``.
+2. Pending activity still in Redis is consulted for the locked rows (the sessions' entries, or
+   the users'): whatever was active within the timeout is spared (a spared user's activity is
+   written to their row at once; a spared session's waits for the next flush).
+3. The rules (``expire_idle_sessions``, ``expire_idle``) end the idle sessions (reason
+   ``idle_timeout``), journal one ``expired`` audit row per ended session (one per user without
+   an open session), write their ``session.ended`` events to the outbox (``storage.outbox``),
+   and disconnect, with ``user.disconnected`` and a bumped ``version``, the users left without
+   an open session. A user who keeps one is evicted from the cache, not marked gone.
 
 With ``SESSIOND_SESSION_MAX_S``, a second pass ends open sessions older than that (reason
 ``max_lifetime``) in the same way, user batch by user batch; a user keeps connected while another
@@ -41,14 +47,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from tortoise.transactions import in_transaction
 
-from storage import forced
-from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
+from sessiond.config import IdleScope
+from storage import forced, sweeping
+from storage.activity import AccessLog, ActivityBuffer
 from storage.cache import Cache
 from storage.db import conn
 from storage.flush import (
@@ -64,15 +70,12 @@ from storage.rows import EXPIRED as KIND
 from storage.rows import EXPIRY_SOURCE as SOURCE
 from storage.rows import IDLE_REASON as REASON
 from storage.rows import LIFETIME_REASON
+from storage.sweeping import SweepResult
 from storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
 NEVER = datetime(1, 1, 1, tzinfo=UTC)
-SAMPLE = 100  # expired user ids a real sweep reports (a dry run reports them all)
-# The rules run on the worker's shared event loop: a 5,000-user batch yields to the actors
-# applying events every few hundred users instead of holding the loop for its whole CPU time.
-YIELD_EVERY = 250
 __all__ = ["KIND", "LIFETIME_REASON", "REASON", "SOURCE", "SweepResult", "sweep"]
 
 # Idle candidates: a superset is harmless (the rules decide on the locked rows), a miss is not.
@@ -80,6 +83,15 @@ _CANDIDATES = """
 SELECT id, seen_at FROM users
 WHERE status = $1 AND seen_at < $2 AND (seen_at, id) > ($3, $4)
 ORDER BY seen_at, id
+LIMIT $5
+"""
+
+# Idle session candidates (the per-session scope), the same way: the rules decide.
+_SESSION_CANDIDATES = """
+SELECT id, user_id, COALESCE(last_seen_at, started_at) AS seen FROM sessions
+WHERE status = $1 AND COALESCE(last_seen_at, started_at) < $2
+  AND (COALESCE(last_seen_at, started_at), id) > ($3, $4)
+ORDER BY COALESCE(last_seen_at, started_at), id
 LIMIT $5
 """
 
@@ -92,51 +104,19 @@ LIMIT $4
 """
 
 
-@dataclass(slots=True)
-class SweepResult:
-    """What one sweep did; ``users`` lists who would be expired (dry run) or a sample (real run)."""
-
-    dry_run: bool
-    now: str
-    cutoff: str
-    examined: int = 0
-    expired: int = 0
-    spared: int = 0
-    sessions_ended: int = 0
-    batches: int = 0
-    evicted: int = 0
-    seconds: float = 0.0
-    skipped: bool = False
-    lifetime_sessions_ended: int = 0
-    lifetime_users_disconnected: int = 0
-    flushed: dict[str, Any] | None = None
-    users: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 async def _pending(buffer: ActivityBuffer, user_ids: Sequence[str]) -> dict[str, float]:
     """Buffered activity (epoch seconds) of these users, from the live hash."""
-    values = await buffer.client.hmget(ACTIVITY_KEY, list(user_ids))
-    return {uid: float(raw) for uid, raw in zip(user_ids, values, strict=True) if raw is not None}
+    return await buffer.pending_users(user_ids)
 
 
-async def _evict(cache: Cache, rows: Sequence[dict[str, Any]]) -> int:
-    """Evicts ``user:<id>`` of the touched users unless a newer version is cached already. A row
-    with ``status`` connected (the lifetime pass: another session is still open) is only evicted;
-    the others are disconnections, marked gone (``storage.cache.gone_key``)."""
-    gone = [(str(r["id"]), int(r["version"])) for r in rows if r.get("status") != CONNECTED]
-    kept = [(str(r["id"]), int(r["version"])) for r in rows if r.get("status") == CONNECTED]
-    evicted = await cache.evict_many(gone, disconnected=True)
-    return evicted + await cache.evict_many(kept, disconnected=False)
-
-
-def _settled(work: UnitOfWork, user_ids: Sequence[str]) -> list[dict[str, Any]]:
-    return [
-        {"id": u, "version": work.users[u]["version"], "status": work.users[u]["status"]}
-        for u in user_ids
-    ]
+async def _pending_sessions(
+    buffer: ActivityBuffer, pairs: Sequence[tuple[str, str]]
+) -> dict[str, dict[str, datetime]]:
+    """Buffered activity of these (user, session) pairs, by user then session id."""
+    out: dict[str, dict[str, datetime]] = {}
+    for (uid, sid), at in (await buffer.pending_sessions(pairs)).items():
+        out.setdefault(uid, {})[sid] = datetime.fromtimestamp(at, tz=UTC)
+    return out
 
 
 async def sweep(
@@ -150,15 +130,20 @@ async def sweep(
     access_log: AccessLog | None = None,
     lock_wait_s: float = 30.0,
     session_max_s: int | None = None,
+    idle_scope: IdleScope = "session",
 ) -> SweepResult:
     """One sweep at ``now`` (injectable); ``dry_run`` only reports who would be expired.
 
+    ``idle_scope`` is ``SESSIOND_IDLE_SCOPE``'s (each session measured on its own, or the user).
     With ``session_max_s``, sessions started longer ago than that are ended too (reason
     ``max_lifetime``), after the idle pass."""
     started = time.perf_counter()
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(seconds=idle_timeout_s)
-    result = SweepResult(dry_run=dry_run, now=now.isoformat(), cutoff=cutoff.isoformat())
+    result = SweepResult(
+        dry_run=dry_run, now=now.isoformat(), cutoff=cutoff.isoformat(), idle_scope=idle_scope
+    )
+    idle_pass = _session_batch if idle_scope == "session" else _batch
     lock = activity_lock(buffer.client, wait_s=lock_wait_s)
     if not await lock.acquire():
         result.skipped = True
@@ -168,15 +153,18 @@ async def sweep(
         if not dry_run:
             flushed = await flush_pending(buffer, db, access_log=access_log)
             result.flushed = flushed.to_dict()
-        last: tuple[datetime, str] = (NEVER, "")
+        last: tuple[datetime, Any] = (NEVER, "" if idle_scope == "user" else 0)
         while True:
             await lock.extend(LOCK_TTL_S, replace_ttl=True)
-            done, last = await _batch(
+            done, last = await idle_pass(
                 cache, buffer, result, last=last, now=now, cutoff=cutoff,
                 idle_timeout_s=idle_timeout_s, batch_size=batch_size, dry_run=dry_run,
             )  # fmt: skip
             if done:
                 break
+        if dry_run:  # a user with idle sessions in two batches is listed once
+            result.users = list(dict.fromkeys(result.users))
+            result.expired = len(result.users)
         if session_max_s:
             await _lifetime(
                 cache, result, now=now, session_max_s=session_max_s, batch_size=batch_size,
@@ -209,11 +197,15 @@ async def _batch(
         if not rows:
             return True, last
         work = UnitOfWork(tx, Journal())
-        held = set(await work.load([str(r["id"]) for r in rows], create=False, lock=_lock(dry_run)))
+        held = set(
+            await work.load(
+                [str(r["id"]) for r in rows], create=False, lock=sweeping.lock_mode(dry_run)
+            )
+        )
         ids = [str(r["id"]) for r in rows if str(r["id"]) in held]
         pending = await _pending(buffer, ids)
         for n, uid in enumerate(ids):
-            if n % YIELD_EVERY == YIELD_EVERY - 1:
+            if n % sweeping.YIELD_EVERY == sweeping.YIELD_EVERY - 1:
                 await asyncio.sleep(0)
             at = pending.get(uid)
             when = datetime.fromtimestamp(at, tz=UTC) if at is not None else None
@@ -230,24 +222,68 @@ async def _batch(
                 entries = [(u, datetime.fromtimestamp(t, tz=UTC)) for u, t in active.items()]
                 await write_activity(tx, entries)
             await work.save()
-    if dry_run:
-        result.users.extend(idle)
-    elif idle:
-        result.evicted += await _evict(cache, _settled(work, idle))
-        room = SAMPLE - len(result.users)
-        if room > 0:
-            result.users.extend(idle[:room])
+    sweeping.report(result, idle, [] if dry_run else idle)
+    if idle and not dry_run:
+        result.evicted += await sweeping.evict(cache, sweeping.settled(work, idle))
     result.examined += len(rows)
-    result.expired += len(idle)
     result.spared += len(active)
     result.batches += 1
     tail = rows[-1]
     return len(rows) < batch_size, (tail["seen_at"], str(tail["id"]))
 
 
-def _lock(dry_run: bool) -> str:
-    """A dry run holds nothing; a real one skips users busy in another transaction."""
-    return "none" if dry_run else "skip"
+async def _session_batch(
+    cache: Cache,
+    buffer: ActivityBuffer,
+    result: SweepResult,
+    *,
+    last: tuple[datetime, int],
+    now: datetime,
+    cutoff: datetime,
+    idle_timeout_s: int,
+    batch_size: int,
+    dry_run: bool,
+) -> tuple[bool, tuple[datetime, int]]:
+    """One batch of idle session candidates: their users are locked and every open session of
+    theirs is measured (a user's idle sessions end together); returns (no more candidates,
+    keyset position)."""
+    params = [CONNECTED, cutoff, last[0], last[1], batch_size]
+    touched: list[str] = []
+    async with in_transaction() as tx:
+        rows = await tx.execute_query_dict(_SESSION_CANDIDATES, params)
+        if not rows:
+            return True, last
+        work = UnitOfWork(tx, Journal())
+        ids = sorted({str(r["user_id"]) for r in rows})
+        held = await work.load(ids, create=False, lock=sweeping.lock_mode(dry_run))
+        pairs = [(u, s.session_id) for u in held for s in work.open_sessions(u)]
+        pending = await _pending_sessions(buffer, pairs)
+        for n, uid in enumerate(held):
+            if n % sweeping.YIELD_EVERY == sweeping.YIELD_EVERY - 1:
+                await asyncio.sleep(0)
+            mine = pending.get(uid, {})
+            result.spared += sum(
+                forced.session_idle(s, cutoff=cutoff)
+                and not forced.session_idle(s, cutoff=cutoff, pending=mine.get(s.session_id))
+                for s in work.open_sessions(uid)
+            )
+            ended = forced.expire_idle_sessions(
+                work, uid, now=now, idle_timeout_s=idle_timeout_s, pending=mine,
+                commit=not dry_run,
+            )  # fmt: skip
+            if ended:
+                touched.append(uid)
+                result.sessions_ended += 0 if dry_run else len(ended)
+        if not dry_run:
+            await work.save()
+    gone = [] if dry_run else [u for u in touched if work.users[u]["status"] != CONNECTED]
+    sweeping.report(result, touched, gone)
+    if touched and not dry_run:
+        result.evicted += await sweeping.evict(cache, sweeping.settled(work, touched))
+    result.examined += len(rows)
+    result.batches += 1
+    tail = rows[-1]
+    return len(rows) < batch_size, (tail["seen"], int(tail["id"]))
 
 
 async def _lifetime(
@@ -276,7 +312,7 @@ async def _lifetime(
             result, ids, now=now, max_s=session_max_s, dry_run=dry_run
         )
         if settled:
-            result.evicted += await _evict(cache, settled)
+            result.evicted += await sweeping.evict(cache, settled)
         if len(candidates) < batch_size:
             return
 
@@ -287,10 +323,10 @@ async def _end_old_sessions(
     """One transaction: lock the users, let the rules end their old sessions, save."""
     async with in_transaction() as tx:
         work = UnitOfWork(tx, Journal())
-        held = await work.load(ids, create=False, lock=_lock(dry_run))
+        held = await work.load(ids, create=False, lock=sweeping.lock_mode(dry_run))
         ended: dict[str, list[str]] = {}
         for n, uid in enumerate(held):
-            if n % YIELD_EVERY == YIELD_EVERY - 1:
+            if n % sweeping.YIELD_EVERY == sweeping.YIELD_EVERY - 1:
                 await asyncio.sleep(0)
             ended[uid] = forced.expire_lifetime(
                 work, uid, now=now, session_max_s=max_s, commit=not dry_run
@@ -305,11 +341,11 @@ async def _end_old_sessions(
         return []
     gone = [u for u in touched if work.users[u]["status"] != CONNECTED]
     result.lifetime_users_disconnected += len(gone)
-    room = SAMPLE - len(result.users)
+    room = sweeping.SAMPLE - len(result.users)
     if room > 0:
         result.users.extend(gone[:room])
     log.info(
         "sessions past their lifetime ended",
         extra={"sessions": sessions, "users_disconnected": len(gone), "session_max_s": max_s},
     )
-    return _settled(work, touched)
+    return sweeping.settled(work, touched)

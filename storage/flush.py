@@ -1,22 +1,19 @@
 """The activity flush: what the API buffered in Redis reaches PostgreSQL in set-based batches.
 
-Activity (``ActivityBuffer``, the ``activity`` hash: user id → newest request time):
-- one ``UPDATE … FROM unnest(…)`` per page of the hash moves ``last_activity_at`` and ``seen_at``
-  forward with ``GREATEST``: a timestamp never goes backwards and a replayed page is a no-op. The
-  hash keeps one entry per user, so 10,000 requests by one user between two flushes are one row
-  update. ``users.version`` is left alone: activity is not a state change;
+Activity (``ActivityBuffer``: a hash of the newest request time per user, one per session):
+- one ``UPDATE … FROM unnest(…)`` per page of a hash moves the times forward: the users'
+  ``last_activity_at`` and ``seen_at``, the open sessions' ``last_seen_at``. A timestamp never
+  goes backwards and a replayed page is a no-op. Each hash keeps one entry per user or session,
+  so 10,000 requests of one session between two flushes are one row update of the user and one
+  of the session. ``users.version`` is left alone: activity is not a state change. Session rows
+  are locked in id order, as every unit of work locks them, so a flush never deadlocks one;
 - then the cached ``user:<id>`` snapshots get the same times (compare-and-set, same version), so
-  the API's idle check, which reads the cache and the live hash, keeps seeing the activity;
+  the API's idle check, which reads the cache and the live hashes, keeps seeing the activity;
 - only then is each entry deleted, and only if it still holds the flushed value: a request that
   arrived during the flush keeps its newer entry. A crash at any point leaves the entries for the
   next flush. Entries are never moved aside, so no reader can miss one in flight.
 
-Access decisions (``AccessLog``): the oldest page of the list is read, journaled into
-``audit_events`` with one multi-row ``INSERT``, and trimmed off after the commit (a crash in
-between journals that one page twice on the next flush, never loses it). Memory is one page,
-whatever the backlog; one flush drains for at most ``DRAIN_BUDGET_S`` so that it stays well inside
-the lock's TTL, and the next tick goes on. Then the refused-token counts of closed minutes and the
-overflow counts are journaled, each taken away only by what was written.
+Then the access decisions (``storage.access_flush``).
 
 Flushes and expiry sweeps take one Redis lock (``lock:activity``) so that they never overlap: no
 two flushes write the same rows at once, and a sweep's own flush is the only one while it runs.
@@ -27,8 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
@@ -37,26 +34,22 @@ from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 from tortoise.backends.base.client import BaseDBAsyncClient
 
+from storage.access_flush import drain_access_log
 from storage.activity import (
-    ACTIVITY_KEY,
-    REFUSED_DECISION,
     AccessLog,
     ActivityBuffer,
-    RefusedKey,
+    Level,
+    activity_key,
+    parse_session_field,
 )
 from storage.cache import user_key
 from storage.db import conn
-from storage.journal import write_audit
 
 log = logging.getLogger(__name__)
-
-ACCESS_KIND = "access"
-OVERFLOW_KIND = "access_log_overflow"
 
 BATCH_SIZE = 10_000
 ACTIVITY_LOCK_KEY = "lock:activity"
 LOCK_TTL_S = 60.0
-DRAIN_BUDGET_S = 20.0
 
 CAS_ATTEMPTS = 3
 CACHE_CHUNK = 1000  # users per script call: a few milliseconds of Redis time each
@@ -77,7 +70,7 @@ end
 return failed
 """
 
-# KEYS[1]: the activity hash. ARGV: (user id, flushed value) pairs.
+# KEYS[1]: an activity hash. ARGV: (field, flushed value) pairs.
 _FORGET = """
 for i = 1, #ARGV, 2 do
   if redis.call('HGET', KEYS[1], ARGV[i]) == ARGV[i + 1] then
@@ -101,6 +94,24 @@ WITH upd AS (
 SELECT count(*) AS n FROM upd
 """
 
+# Open sessions only (an ended one has nothing left to measure), locked in id order first.
+_UPDATE_SESSIONS = """
+WITH target AS (
+    SELECT s.id, a.at
+    FROM unnest($1::text[], $2::text[], $3::timestamptz[]) AS a(user_id, session_id, at)
+    JOIN sessions s ON s.user_id = a.user_id AND s.session_id = a.session_id
+    WHERE s.status = 'connected' AND (s.last_seen_at IS NULL OR s.last_seen_at < a.at)
+    ORDER BY s.id
+    FOR UPDATE OF s
+), upd AS (
+    UPDATE sessions s SET last_seen_at = GREATEST(s.last_seen_at, t.at)
+    FROM target t
+    WHERE s.id = t.id
+    RETURNING 1
+)
+SELECT count(*) AS n FROM upd
+"""
+
 
 @dataclass(slots=True)
 class FlushResult:
@@ -108,6 +119,8 @@ class FlushResult:
 
     activity_entries: int = 0
     users_updated: int = 0
+    session_entries: int = 0
+    sessions_updated: int = 0
     cache_refreshed: int = 0
     access_entries: int = 0
     access_pages: int = 0
@@ -162,43 +175,90 @@ async def write_activity(
     return updated, batches
 
 
+async def write_session_activity(
+    db: BaseDBAsyncClient,
+    entries: Sequence[tuple[str, str, datetime]],
+    *,
+    batch_size: int = BATCH_SIZE,
+) -> tuple[int, int]:
+    """Moves the open sessions' ``last_seen_at`` forward; returns (rows updated, statements)."""
+    updated = batches = 0
+    for batch in chunks(sorted(entries), batch_size):
+        rows = await db.execute_query_dict(
+            _UPDATE_SESSIONS,
+            [[u for u, _, _ in batch], [s for _, s, _ in batch], [at for _, _, at in batch]],
+        )
+        updated += int(rows[0]["n"])
+        batches += 1
+    return updated, batches
+
+
+@dataclass(slots=True)
+class Patch:
+    """What a page moves forward in one cached snapshot: the user's times, its sessions'."""
+
+    at: datetime | None = None
+    sessions: dict[str, datetime] = field(default_factory=dict)
+
+
 async def drain_activity(
     buffer: ActivityBuffer, db: BaseDBAsyncClient, result: FlushResult, *, batch_size: int
 ) -> None:
-    """Moves buffered activity into ``users`` and the cached snapshots, page by page.
+    """Moves buffered activity into ``users``, ``sessions`` and the cached snapshots, page by
+    page of each hash (users first, then sessions).
 
-    Entries stay in the live hash until both are done, and are then deleted only if no newer
-    request replaced them meanwhile. At every instant a request's time is in the live hash, or in
+    Entries stay in the live hashes until both are done, and are then deleted only if no newer
+    request replaced them meanwhile. At every instant a request's time is in a live hash, or in
     PostgreSQL and the cache, so neither the API's idle check nor the sweep can miss it.
     """
-    client = buffer.client
+    for level in ("user", "session"):
+        async for raw in _pages(buffer.client, level, batch_size):
+            times = {k: datetime.fromtimestamp(float(v), tz=UTC) for k, v in raw.items()}
+            patches: dict[str, Patch] = {}
+            if level == "user":
+                updated, batches = await write_activity(
+                    db, list(times.items()), batch_size=batch_size
+                )
+                patches = {uid: Patch(at=at) for uid, at in times.items()}
+                result.activity_entries += len(times)
+                result.users_updated += updated
+            else:
+                entries = [
+                    (*pair, at) for f, at in times.items() if (pair := parse_session_field(f))
+                ]
+                updated, batches = await write_session_activity(db, entries, batch_size=batch_size)
+                for uid, sid, at in entries:
+                    patches.setdefault(uid, Patch()).sessions[sid] = at
+                result.session_entries += len(times)
+                result.sessions_updated += updated
+            result.cache_refreshed += await refresh_cache(buffer.client, patches)
+            await forget(buffer.client, level, raw)
+            result.batches += batches
+
+
+async def _pages(
+    client: aioredis.Redis, level: Level, batch_size: int
+) -> AsyncIterator[dict[str, bytes]]:
+    """One level's hash, a page (``HSCAN``) at a time: field → raw value."""
     cursor = 0
     while True:
-        cursor, reply = await client.hscan(ACTIVITY_KEY, cursor, count=batch_size)
+        cursor, reply = await client.hscan(activity_key(level), cursor, count=batch_size)
         page = cast(dict[bytes, bytes], reply)  # the client does not decode responses
         if page:
-            raw = {k.decode(): v for k, v in page.items()}
-            entries = {uid: datetime.fromtimestamp(float(v), tz=UTC) for uid, v in raw.items()}
-            updated, batches = await write_activity(
-                db, list(entries.items()), batch_size=batch_size
-            )
-            result.cache_refreshed += await refresh_cache(client, entries)
-            await forget(client, raw)
-            result.activity_entries += len(entries)
-            result.users_updated += updated
-            result.batches += batches
+            yield {k.decode(): v for k, v in page.items()}
         if cursor == 0:
             return
 
 
-async def refresh_cache(client: aioredis.Redis, entries: dict[str, datetime]) -> int:
-    """Moves ``seen_at``/``last_activity_at`` forward in the cached ``user:<id>`` snapshots.
+async def refresh_cache(client: aioredis.Redis, patches: dict[str, Patch]) -> int:
+    """Moves ``seen_at``/``last_activity_at`` and the sessions' ``session_seen`` forward in the
+    cached ``user:<id>`` snapshots.
 
     Activity is not a state change, so the version stays; each write is a compare-and-set on the
     value read, so a snapshot written meanwhile by a state change is never overwritten (it is
     read again and patched once more)."""
     script = client.register_script(_PATCH_CACHE)
-    todo = list(entries)
+    todo = list(patches)
     refreshed = 0
     for _ in range(CAS_ATTEMPTS):
         if not todo:
@@ -207,7 +267,7 @@ async def refresh_cache(client: aioredis.Redis, entries: dict[str, datetime]) ->
         args: list[bytes | str] = []
         values = cast(list[bytes | None], await client.mget([user_key(u) for u in todo]))
         for uid, raw in zip(todo, values, strict=True):
-            patched = _patched(raw, entries[uid]) if raw is not None else None
+            patched = _patched(raw, patches[uid]) if raw is not None else None
             if raw is not None and patched is not None:
                 keys.append(user_key(uid))
                 args += [raw, patched]
@@ -221,127 +281,39 @@ async def refresh_cache(client: aioredis.Redis, entries: dict[str, datetime]) ->
     return refreshed
 
 
-def _patched(raw: bytes, at: datetime) -> str | None:
-    """The cached JSON with the activity time applied, or ``None`` when it is not older. Only the
-    two fields are touched (``UserSnapshot.to_json``'s layout is kept), which keeps this cheap
-    enough for a hundred thousand users a flush."""
+def _patched(raw: bytes, patch: Patch) -> str | None:
+    """The cached JSON with the activity times applied, or ``None`` when none is newer. Only
+    those fields are touched (``UserSnapshot.to_json``'s layout is kept), which keeps this cheap
+    enough for a hundred thousand users a flush. Only sessions the entry holds open get a time:
+    an ended one is not brought back."""
     try:
         data = json.loads(raw)
         changed = False
-        for name in ("seen_at", "last_activity_at"):
-            current = data.get(name)
-            if current is None or datetime.fromisoformat(current) < at:
-                data[name] = at.isoformat()
+        if patch.at is not None:
+            for name in ("seen_at", "last_activity_at"):
+                current = data.get(name)
+                if current is None or datetime.fromisoformat(current) < patch.at:
+                    data[name] = patch.at.isoformat()
+                    changed = True
+        seen = data.get("session_seen")
+        for sid, at in patch.sessions.items() if isinstance(seen, dict) else ():
+            if sid in seen and datetime.fromisoformat(seen[sid]) < at:
+                seen[sid] = at.isoformat()
                 changed = True
     except (TypeError, ValueError, AttributeError):
         return None
     return json.dumps(data, separators=(",", ":")) if changed else None
 
 
-async def forget(client: aioredis.Redis, flushed: dict[str, bytes]) -> None:
+async def forget(client: aioredis.Redis, level: Level, flushed: dict[str, bytes]) -> None:
     """Deletes flushed entries that still hold the flushed value (a newer request keeps its own)."""
     script = client.register_script(_FORGET)
     items = list(flushed.items())
     for start in range(0, len(items), CACHE_CHUNK):
         args: list[bytes | str] = []
-        for uid, value in items[start : start + CACHE_CHUNK]:
-            args += [uid, value]
-        await script(keys=[ACTIVITY_KEY], args=args)
-
-
-def _when(value: Any) -> datetime | None:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, tz=UTC)
-    if isinstance(value, str):
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
-            return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-    return None
-
-
-def _text(value: Any, limit: int) -> str | None:
-    if value is None or value == "":
-        return None
-    return str(value)[:limit]
-
-
-AuditRow = tuple[datetime | None, str | None, str | None, str, str | None, str, str]
-
-
-def access_row(entry: dict[str, Any]) -> AuditRow:
-    """One access decision as audit columns. Only known fields are kept: an entry never carries a
-    token or a header into the journal (CONTRACT §5). Over-long values are cut to the column size
-    so that one odd entry cannot block a whole batch."""
-    detail: dict[str, Any] = {
-        "decision": _text(entry.get("decision"), 32),
-        "route": _text(entry.get("route"), 256),
-    }
-    if isinstance(entry.get("status"), int):
-        detail["status"] = entry["status"]
-    return (
-        _when(entry.get("at")),
-        _text(entry.get("user_id"), 128),
-        _text(entry.get("session_id"), 128),
-        ACCESS_KIND,
-        _text(entry.get("reason"), 64),
-        "api",
-        json.dumps(detail, separators=(",", ":")),
-    )
-
-
-def refused_row(key: RefusedKey, count: int) -> AuditRow:
-    """One row for all the refused tokens of one (minute, route, reason, client address)."""
-    minute, route, reason, client_address = key
-    detail = {
-        "decision": REFUSED_DECISION,
-        "route": route[:256],
-        "client": client_address[:64] or None,
-        "count": count,
-    }
-    at = datetime.fromtimestamp(minute, tz=UTC)
-    return (at, None, None, ACCESS_KIND, reason[:64] or None, "api", json.dumps(detail))
-
-
-async def drain_access_log(
-    access_log: AccessLog,
-    db: BaseDBAsyncClient,
-    result: FlushResult,
-    *,
-    batch_size: int,
-    budget_s: float = DRAIN_BUDGET_S,
-    now: float | None = None,
-) -> None:
-    """Pages of ``batch_size`` entries, then the refused counts, then the overflow counts."""
-    deadline = time.monotonic() + budget_s
-    while time.monotonic() < deadline:
-        page = await access_log.read_page(batch_size)
-        if page is None:
-            break
-        await write_audit(db, [access_row(e) for e in page.entries])
-        await access_log.ack(page)
-        result.access_entries += len(page.entries)
-        result.access_pages += 1
-        result.batches += 1
-    result.access_backlog = await access_log.backlog()
-    closed = await access_log.closed_refused(time.time() if now is None else now)
-    for start in range(0, len(closed), batch_size):
-        part = closed[start : start + batch_size]
-        await write_audit(db, [refused_row(key, n) for _, key, n in part])
-        await access_log.ack_refused([(field, n) for field, _, n in part])
-        result.refused_rows += len(part)
-        result.refused_count += sum(n for _, _, n in part)
-    overflow = await access_log.overflow()
-    if overflow:
-        rows: list[AuditRow] = [
-            (None, None, None, OVERFLOW_KIND, "cap", "api", json.dumps({"dropped": n, "buffer": b}))
-            for b, n in sorted(overflow.items())
-        ]
-        await write_audit(db, rows)
-        await access_log.ack_overflow(overflow)
-        result.overflow_count += sum(overflow.values())
-        log.warning("access log over its cap: entries counted, not stored", extra=overflow)
+        for key, value in items[start : start + CACHE_CHUNK]:
+            args += [key, value]
+        await script(keys=[activity_key(level)], args=args)
 
 
 async def flush_pending(

@@ -7,13 +7,18 @@ clock decides, not the event order), their ordering fence moving to the newest o
 - ``force_disconnect`` ends every session and moves the user's logout fence (a ``disconnected``
   without session id would do the same, had it the last word);
 - ``revoke_session`` ends one session; the user stays connected while another is open;
-- ``expire_idle``: a connected user silent longer than the idle timeout ends (``idle_timeout``);
+- ``expire_idle`` (``SESSIOND_IDLE_SCOPE=user``): a connected user silent longer than the idle
+  timeout ends, every session of theirs (``idle_timeout``);
+- ``expire_idle_sessions`` (``SESSIOND_IDLE_SCOPE=session``, the default): each open session
+  silent longer than the idle timeout ends on its own (``idle_timeout``), whatever the user's
+  other sessions do; the user is disconnected when the last one ends;
 - ``expire_lifetime``: an open session older than ``SESSIOND_SESSION_MAX_S`` ends
   (``max_lifetime``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +34,17 @@ def is_idle(user: dict[str, Any], *, cutoff: datetime, pending: datetime | None 
     ``cutoff``. A user never seen active is not idle: there is nothing to measure from."""
     seen = [t for t in (user["seen_at"], pending) if t is not None]
     return user["status"] == CONNECTED and bool(seen) and max(seen) < cutoff
+
+
+def session_seen(session: Session, pending: datetime | None = None) -> datetime:
+    """A session's newest sign of life: its login (start or a newer ``connected``), a request
+    recorded in its row (``last_seen_at``, moved by the flush) or one still buffered."""
+    return max(t for t in (session.started_at, session.last_seen_at, pending) if t is not None)
+
+
+def session_idle(session: Session, *, cutoff: datetime, pending: datetime | None = None) -> bool:
+    """An open session whose newest sign of life (``session_seen``) is before ``cutoff``."""
+    return session.status == CONNECTED and session_seen(session, pending) < cutoff
 
 
 def past_lifetime(session: Session, *, cutoff: datetime) -> bool:
@@ -98,6 +114,36 @@ def expire_idle(
             kind=EXPIRED, source=EXPIRY_SOURCE, user_id=user_id, reason=IDLE_REASON,
             occurred_at=now, detail=detail,
         )  # fmt: skip
+    state.settle(user_id, now, True, reason=IDLE_REASON)
+    return ended
+
+
+def expire_idle_sessions(
+    state: State,
+    user_id: str,
+    *,
+    now: datetime,
+    idle_timeout_s: int,
+    pending: Mapping[str, datetime] | None = None,
+    commit: bool = True,
+) -> list[str]:
+    """Ends the user's open sessions idle at ``now`` (``session_idle``; ``pending``: buffered
+    activity by session id), one ``expired`` entry and one ``session.ended`` each; the user
+    stays connected while another session is open. ``commit=False`` only decides."""
+    cutoff = now - timedelta(seconds=idle_timeout_s)
+    pending = pending or {}
+    idle = [
+        s.session_id
+        for s in state.open_sessions(user_id)
+        if session_idle(s, cutoff=cutoff, pending=pending.get(s.session_id))
+    ]
+    if not idle or not commit:
+        return idle
+    ended = state.end_sessions(
+        user_id, at=now, reason=IDLE_REASON, source=EXPIRY_SOURCE, session_ids=idle,
+        kind=EXPIRED, force=True,
+        detail=lambda s: {"seen_at": _iso(session_seen(s)), "idle_timeout_s": idle_timeout_s},
+    )  # fmt: skip
     state.settle(user_id, now, True, reason=IDLE_REASON)
     return ended
 

@@ -59,6 +59,10 @@ class Session(Model):
     end_reason = fields.CharField(max_length=32, null=True)
     # Time of the newest event applied to this session: older events never undo it.
     last_event_at = fields.DatetimeField()
+    # Newest sign of life (login or granted request, moved by the activity flush): the
+    # per-session idle rule measures from it (``storage.forced.session_idle``). The sweep's index
+    # on it, ``sessions_idle_idx``, is migration 0007's (an expression index).
+    last_seen_at = fields.DatetimeField(null=True)
     ip_address = fields.CharField(max_length=64, null=True)
     source = fields.CharField(max_length=32, default="auth")
 

@@ -16,11 +16,12 @@ from storage.rows import to_snapshot
 async def snapshot_of(db: BaseDBAsyncClient, user: dict[str, Any]) -> UserSnapshot:
     """The snapshot of a user row read by the caller, with its open sessions."""
     rows = await db.execute_query_dict(
-        "SELECT session_id, started_at FROM sessions WHERE user_id = $1 AND status = $2"
-        " ORDER BY started_at, id",
+        "SELECT session_id, started_at, last_seen_at FROM sessions"
+        " WHERE user_id = $1 AND status = $2 ORDER BY started_at, id",
         [user["id"], CONNECTED],
     )
-    return to_snapshot(user, [(r["session_id"], r["started_at"]) for r in rows])
+    opened = [(r["session_id"], r["started_at"], r["last_seen_at"]) for r in rows]
+    return to_snapshot(user, opened)
 
 
 async def find_session_owners(session_id: str) -> list[str]:

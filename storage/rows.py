@@ -58,22 +58,28 @@ class Session:
     order: int
     ended_at: datetime | None = None
     end_reason: str | None = None
+    last_seen_at: datetime | None = None
     ip_address: str | None = None
     source: str = "auth"
     dirty: bool = False
 
 
-def to_snapshot(
-    user: dict[str, Any], open_sessions: Sequence[tuple[str, datetime]]
-) -> UserSnapshot:
+OpenSession = tuple[str, datetime, datetime | None]
+"""(session id, started at, last seen at) of an open session, as the snapshot needs it."""
+
+
+def to_snapshot(user: dict[str, Any], open_sessions: Sequence[OpenSession]) -> UserSnapshot:
+    """The cache's view of a user; a session's last sign of life is its start until a request
+    or a newer login says otherwise (a row written before migration 0007 has no time yet)."""
     return UserSnapshot(
         user_id=user["id"],
         status=user["status"],
         version=user["version"],
         name=user["name"],
         email=user["email"],
-        sessions=[sid for sid, _ in open_sessions],
-        session_started=dict(open_sessions),
+        sessions=[sid for sid, _, _ in open_sessions],
+        session_started={sid: started for sid, started, _ in open_sessions},
+        session_seen={sid: seen or started for sid, started, seen in open_sessions},
         connected_at=user["connected_at"],
         seen_at=user["seen_at"],
         last_activity_at=user["last_activity_at"],

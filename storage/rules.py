@@ -56,6 +56,7 @@ class State:
             status=status,
             started_at=ev.occurred_at,
             last_event_at=ev.occurred_at,
+            last_seen_at=ev.occurred_at,
             order=NEW_ROW + self._created,
             ip_address=ev.ip_address,
             source=ev.source,
@@ -71,7 +72,7 @@ class State:
         return sorted(rows, key=lambda s: (s.started_at, s.order))
 
     def snapshot(self, user_id: str) -> UserSnapshot:
-        opened = [(s.session_id, s.started_at) for s in self.open_sessions(user_id)]
+        opened = [(s.session_id, s.started_at, s.last_seen_at) for s in self.open_sessions(user_id)]
         return to_snapshot(self.users[user_id], opened)
 
     def end_sessions(
@@ -156,7 +157,9 @@ class State:
             row = self._new_session(ev, sid, CONNECTED)
         else:
             if not was_open:
-                row.started_at = at
+                row.started_at = row.last_seen_at = at
+            else:  # a login is a sign of life of its session (the per-session idle measure)
+                row.last_seen_at = max(filter(None, [row.last_seen_at, at]))
             row.status, row.last_event_at, row.ended_at, row.end_reason = CONNECTED, at, None, None
             row.ip_address = ev.ip_address or row.ip_address
             row.dirty = True

@@ -34,6 +34,7 @@ _SESSION_COLUMNS = (
     "ended_at",
     "end_reason",
     "last_event_at",
+    "last_seen_at",
     "ip_address",
     "source",
 )
@@ -51,7 +52,7 @@ _LOCK = {"wait": " FOR UPDATE", "skip": " FOR UPDATE SKIP LOCKED", "none": ""}
 # What the change can touch: every open session of the users, and the named ones in any state.
 _SESSIONS = """
 SELECT s.id, s.user_id, s.session_id, s.status, s.started_at, s.ended_at, s.end_reason,
-       s.last_event_at, s.ip_address, s.source
+       s.last_event_at, s.last_seen_at, s.ip_address, s.source
 FROM sessions s
 WHERE s.user_id = ANY($1::text[])
   AND (s.status = $2
@@ -68,18 +69,20 @@ RETURNING key
 
 _SAVE_SESSIONS = """
 INSERT INTO sessions (user_id, session_id, status, started_at, ended_at, end_reason,
-                      last_event_at, ip_address, source)
+                      last_event_at, last_seen_at, ip_address, source)
 SELECT t.user_id, t.session_id, t.status, t.started_at, t.ended_at, t.end_reason,
-       t.last_event_at, t.ip_address, t.source
+       t.last_event_at, t.last_seen_at, t.ip_address, t.source
 FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[],
-            $6::text[], $7::timestamptz[], $8::text[], $9::text[]) WITH ORDINALITY
+            $6::text[], $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[])
+     WITH ORDINALITY
      AS t(user_id, session_id, status, started_at, ended_at, end_reason, last_event_at,
-          ip_address, source, n)
+          last_seen_at, ip_address, source, n)
 ORDER BY t.n
 ON CONFLICT (user_id, session_id) DO UPDATE SET
     status = EXCLUDED.status, started_at = EXCLUDED.started_at, ended_at = EXCLUDED.ended_at,
     end_reason = EXCLUDED.end_reason, last_event_at = EXCLUDED.last_event_at,
-    ip_address = EXCLUDED.ip_address, source = EXCLUDED.source
+    last_seen_at = EXCLUDED.last_seen_at, ip_address = EXCLUDED.ip_address,
+    source = EXCLUDED.source
 """
 
 
@@ -127,6 +130,7 @@ class UnitOfWork(State):
                 order=r["id"],
                 ended_at=r["ended_at"],
                 end_reason=r["end_reason"],
+                last_seen_at=r["last_seen_at"],
                 ip_address=r["ip_address"],
                 source=r["source"],
             )

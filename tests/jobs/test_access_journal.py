@@ -15,8 +15,8 @@ import redis.asyncio as aioredis
 from api.metrics import Metrics
 from api.recorder import Recorder
 from sessiond.config import Settings
+from storage import access_flush, flush
 from storage import cache as cache_mod
-from storage import flush
 from storage.activity import (
     ACCESS_LOG_BYTES_KEY,
     ACCESS_LOG_KEY,
@@ -217,7 +217,7 @@ async def test_refused_tokens_are_one_row_per_minute_route_reason_and_client(
     # When the flush runs while the second minute is still open
     log = AccessLog(cache.client)
     res = flush.FlushResult()
-    await flush.drain_access_log(log, conn(), res, batch_size=1000, now=T0 + 90)
+    await access_flush.drain_access_log(log, conn(), res, batch_size=1000, now=T0 + 90)
 
     # Then the closed minute is one row per (route, reason, client) with its count
     rows = await pg.fetch(
@@ -238,7 +238,7 @@ async def test_refused_tokens_are_one_row_per_minute_route_reason_and_client(
     assert (res.refused_rows, res.refused_count) == (4, 305)
     # and the open minute waits for its end, then is journaled too
     assert await cache.client.hlen(REFUSED_KEY) == 2
-    await flush.drain_access_log(log, conn(), res, batch_size=1000, now=T0 + 130)
+    await access_flush.drain_access_log(log, conn(), res, batch_size=1000, now=T0 + 130)
     assert await access_rows(pg) == 6 and await cache.client.exists(REFUSED_KEY) == 0
 
 
@@ -251,7 +251,7 @@ async def test_a_flood_of_garbage_tokens_writes_one_row_a_minute(
     await api.app.ctx.recorder.flush()
     # When the flush runs after that minute
     res = flush.FlushResult()
-    await flush.drain_access_log(
+    await access_flush.drain_access_log(
         AccessLog(api.cache.client), conn(), res, batch_size=1000, now=time.time() + 130
     )
     # Then the journal holds one row for them per minute (they may straddle two), with the count

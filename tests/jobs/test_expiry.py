@@ -1,4 +1,6 @@
-"""The idle expiry sweep on real PostgreSQL and Redis, with an injected clock."""
+"""The idle expiry sweep on real PostgreSQL and Redis, with an injected clock: the per-user rule
+(``SESSIOND_IDLE_SCOPE=user``, the behaviour before per-session idle timeouts). The per-session
+rule, the default, is ``test_expiry_sessions.py``."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 
 from sessiond.config import Settings
 from storage import cache as cache_mod
-from storage import expiry
+from storage import expiry, sweeping
 from storage.activity import ActivityBuffer
 from storage.cache import UserSnapshot
 from tests.jobs.conftest import NOW, connect_user, user_row
@@ -25,8 +27,9 @@ async def sweep(
     cache: cache_mod.Cache, buffer: ActivityBuffer, *, dry_run: bool = False, batch: int = 500
 ) -> expiry.SweepResult:
     return await expiry.sweep(
-        cache, buffer, now=NOW, idle_timeout_s=IDLE, batch_size=batch, dry_run=dry_run
-    )
+        cache, buffer, now=NOW, idle_timeout_s=IDLE, batch_size=batch, dry_run=dry_run,
+        idle_scope="user",
+    )  # fmt: skip
 
 
 async def test_user_idle_31_minutes_is_expired_evicted_and_journaled(
@@ -269,8 +272,9 @@ async def test_sweep_over_100k_connected_users_expires_exactly_the_10k_stale(
     # When one sweep runs with the default batch size
     started = time.monotonic()
     result = await expiry.sweep(
-        cache, buffer, now=NOW, idle_timeout_s=IDLE, batch_size=db.expiry_batch_size
-    )
+        cache, buffer, now=NOW, idle_timeout_s=IDLE, batch_size=db.expiry_batch_size,
+        idle_scope="user",
+    )  # fmt: skip
     elapsed = time.monotonic() - started
 
     # Then exactly the 10,000 stale users are expired, journaled and evicted
@@ -296,7 +300,7 @@ async def test_eviction_keeps_a_newer_cache_entry(
     rows += [{"id": f"o{n}", "version": 4} for n in range(1500)]
 
     # When the sweep evicts them (in several script calls)
-    evicted = await expiry._evict(cache, rows)
+    evicted = await sweeping.evict(cache, rows)
 
     # Then only the older entries are gone, and their version is remembered
     assert evicted == 1500

@@ -47,6 +47,7 @@ PROCESS_ENV: dict[str, str] = {
     "SESSIOND_ENV": "test",
     "SESSIOND_JWT_SECRET": JWT_SECRET,
     "SESSIOND_IDLE_TIMEOUT_S": str(IDLE_TIMEOUT_S),
+    "SESSIOND_IDLE_SCOPE": "session",  # the checker's final state measures each session
     "SESSIOND_EXPIRY_PERIOD_S": str(EXPIRY_PERIOD_S),
     "SESSIOND_ACTIVITY_FLUSH_S": "1",
     # As the fault tests: a retry budget longer than any outage the nemesis causes, so an event

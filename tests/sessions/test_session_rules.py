@@ -192,7 +192,8 @@ async def test_lifetime_is_off_by_default(
 ) -> None:
     assert settings.session_max_s is None
     await connect(cache, "u1", "ancient", -30 * 24 * HOUR)
-    await pg.execute("UPDATE users SET seen_at = $1", NOW)  # not idle
+    await pg.execute("UPDATE users SET seen_at = $1", NOW)  # not idle, by either idle rule
+    await pg.execute("UPDATE sessions SET last_seen_at = $1", NOW)
     result = await sweep(cache, session_max_s=settings.session_max_s)
     assert result.lifetime_sessions_ended == 0 and result.expired == 0
     assert await sessions_of(pg, "u1") == {"ancient": ("connected", None)}

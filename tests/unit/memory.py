@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
+from sessiond.config import IdleScope
 from sessiond.events import Event
 from storage import blocking, forced, rules
 from storage.models import CONNECTED, DISCONNECTED
@@ -116,12 +117,25 @@ class Memory:
         return out
 
     def sweep(
-        self, *, now: datetime, idle_timeout_s: int, session_max_s: int | None = None
+        self,
+        *,
+        now: datetime,
+        idle_timeout_s: int,
+        session_max_s: int | None = None,
+        idle_scope: IdleScope = "session",
+        pending: dict[tuple[str, str], datetime] | None = None,
     ) -> None:
-        """``storage.expiry.sweep`` in memory, every user a candidate (no activity buffer)."""
+        """``storage.expiry.sweep`` in memory, every user a candidate; ``pending``: activity
+        still buffered, by (user, session)."""
         state = self.load(list(self.users), create=False)
         for uid in sorted(state.users):
-            forced.expire_idle(state, uid, now=now, idle_timeout_s=idle_timeout_s)
+            if idle_scope == "user":
+                forced.expire_idle(state, uid, now=now, idle_timeout_s=idle_timeout_s)
+                continue
+            mine = {sid: at for (u, sid), at in (pending or {}).items() if u == uid}
+            forced.expire_idle_sessions(
+                state, uid, now=now, idle_timeout_s=idle_timeout_s, pending=mine
+            )
         if session_max_s:
             for uid in sorted(state.users):
                 forced.expire_lifetime(state, uid, now=now, session_max_s=session_max_s)
