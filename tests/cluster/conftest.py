@@ -23,9 +23,11 @@ def cluster_config() -> ClusterConfig:
 @pytest.fixture(scope="session")
 def redis_cluster_nodes(cluster_config: ClusterConfig) -> Iterator[list[tuple[str, int]]]:
     """A Redis Cluster of 3 masters + 3 replicas, formed and ``cluster_state:ok``; its startup
-    nodes as ``(host, port)``. Stopped at the end of the session."""
+    nodes as ``(host, port)``. Stopped at the end of the session unless it was already up."""
+    was_up = all(s["running"] for s in redis_cluster.status(cluster_config).values())
     redis_cluster.up(cluster_config)
     try:
         yield redis_cluster.startup_nodes(cluster_config)
     finally:
-        redis_cluster.down(cluster_config)
+        if not was_up:
+            redis_cluster.down(cluster_config)
