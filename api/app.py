@@ -34,7 +34,7 @@ from sessiond.config import Settings, get_settings
 from sessiond.errors import DependencyUnavailable
 from sessiond.logs import setup_logging
 from storage import cache as cache_mod
-from storage import db
+from storage import db, redis_conn
 from storage.activity import AccessLog, ActivityBuffer
 from storage.redis_policy import check_memory_policy
 
@@ -120,7 +120,7 @@ async def _open(app: App) -> None:
     ctx = app.ctx
     settings = ctx.settings
     await db.open_db(settings)
-    ctx.redis = cache_mod.connect(settings)
+    ctx.redis = redis_conn.connect(settings)
     if settings.redis_policy_check:
         await check_memory_policy(ctx.redis)
     ctx.cache = cache_mod.Cache(ctx.redis, ttl_s=settings.cache_ttl_s)

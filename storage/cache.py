@@ -15,8 +15,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from sessiond.config import Settings
-
 
 def user_key(user_id: str) -> str:
     return f"user:{user_id}"
@@ -244,14 +242,6 @@ class Ahead:
 
     user_id: str
     cached: int
-
-
-def connect(settings: Settings) -> aioredis.Redis:
-    """A pooled client; ``rediss://`` URLs verify the server against ``SESSIOND_REDIS_CA_FILE``."""
-    kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
-    if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
-        kwargs["ssl_ca_certs"] = settings.redis_ca_file
-    return aioredis.Redis.from_url(settings.redis_url, **kwargs)
 
 
 class Cache:
