@@ -19,7 +19,6 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic_ext import Extend
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
-from tortoise.exceptions import OperationalError
 
 from api.access import AccessControl, Clock
 from api.context import App, AppContext
@@ -88,7 +87,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     # a 500: asyncpg's connection errors are not OSErrors.
     for kind in db.DB_CONNECTION_ERRORS:
         app.error_handler.add(kind, _db_unavailable)
-    app.error_handler.add(OperationalError, _db_operational)
+    app.error_handler.add(db.DB_WRAPPED_ERROR, _db_operational)
     app.register_listener(_share_metrics, "main_process_start")
     app.register_listener(_unshare_metrics, "main_process_stop")
     app.register_listener(_open, "before_server_start")
@@ -168,7 +167,7 @@ def _db_unavailable(request: Request, exception: Exception) -> HTTPResponse:
 
 
 def _db_operational(request: Request, exception: Exception) -> HTTPResponse:
-    """Tortoise wraps every driver error in ``OperationalError``: only a lost connection (its
+    """Tortoise wraps every driver error (``db.DB_WRAPPED_ERROR``): only a lost connection (its
     cause) is 503; a failing statement stays a 500, a bug to see."""
     cause = exception.__cause__
     if isinstance(cause, (OSError, TimeoutError, *db.DB_CONNECTION_ERRORS)):

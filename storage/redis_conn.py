@@ -8,10 +8,12 @@ answering must fail a request or a tick, not hang it) and, for ``rediss://`` URL
 
 from __future__ import annotations
 
-from typing import Any, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessiond.config import Settings
 
@@ -19,6 +21,11 @@ AsyncClient: TypeAlias = aioredis.Redis
 SyncClient: TypeAlias = redis.Redis
 """What ``connect`` and ``connect_sync`` return: callers outside ``storage`` name these, never the
 driver's classes."""
+
+REDIS_CONNECTION_ERRORS: Final = (RedisConnectionError, RedisTimeoutError)
+"""What Redis calls raise when the server is down, restarting or too slow: the one list the
+API's outage handling (bypass Redis, 503, gRPC UNAVAILABLE) is built from, as
+``storage.db.DB_CONNECTION_ERRORS`` is for PostgreSQL."""
 
 
 def _options(settings: Settings, decode_responses: bool) -> dict[str, Any]:
