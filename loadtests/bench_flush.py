@@ -30,7 +30,7 @@ from loadtests.bench_expiry import NOW, bench_settings, prepare
 from sessiond.config import Settings
 from storage import cache as cache_mod
 from storage import db as db_mod
-from storage import flush
+from storage import flush, redis_conn
 from storage.activity import ActivityBuffer
 from storage.cache import UserSnapshot
 
@@ -115,7 +115,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await prepare(settings)
     pg = await asyncpg.connect(settings.database_url)
     await db_mod.open_db(settings)
-    cache = cache_mod.Cache(cache_mod.connect(settings), ttl_s=settings.cache_ttl_s)
+    cache = cache_mod.Cache(redis_conn.connect(settings), ttl_s=settings.cache_ttl_s)
     await cache.client.flushdb()
     buffer = ActivityBuffer(cache.client)
     rounds: list[dict[str, Any]] = []
