@@ -60,7 +60,7 @@ async def test_flush_never_moves_a_timestamp_backwards(
 async def test_ten_thousand_requests_by_one_user_are_one_row_update(
     db: Settings, cache: cache_mod.Cache, buffer: ActivityBuffer, pg: asyncpg.Connection
 ) -> None:
-    # Given 10,000 granted requests by one user between two flushes
+    # Given 10,000 granted requests by one user's session between two flushes
     await connect_user(cache, "u1", NOW - timedelta(minutes=10))
     base = NOW.timestamp()
     xmin_before = await pg.fetchval("SELECT xmin::text FROM users WHERE id = 'u1'")
@@ -70,11 +70,15 @@ async def test_ten_thousand_requests_by_one_user_are_one_row_update(
     # When the flush runs
     result = await flush.flush_activity(buffer)
 
-    # Then one entry was drained and one row version written, holding the newest request
-    assert (result.activity_entries, result.users_updated, result.batches) == (1, 1, 1)
+    # Then one entry per level was drained and one row version written of the user and one of
+    # the session, each holding the newest request
+    assert (result.activity_entries, result.users_updated) == (1, 1)
+    assert (result.session_entries, result.sessions_updated, result.batches) == (1, 1, 2)
     assert await pg.fetchval("SELECT xmin::text FROM users WHERE id = 'u1'") != xmin_before
     row = await user_row(pg, "u1")
     assert row["last_activity_at"] == datetime.fromtimestamp(base + 9.999, tz=UTC)
+    seen = await pg.fetchval("SELECT last_seen_at FROM sessions WHERE user_id = 'u1'")
+    assert seen == datetime.fromtimestamp(base + 9.999, tz=UTC)
 
 
 async def test_flush_racing_with_new_activity_loses_nothing_and_never_goes_back(
@@ -153,8 +157,10 @@ async def test_the_cached_snapshot_gets_the_activity_without_a_new_version(
     # so an idle check reading the cache still sees that activity
     after = await cache.get("u1")
     assert before is not None and after is not None
-    assert result.cache_refreshed == 1 and await buffer.pending("u1") is None
+    assert result.cache_refreshed == 2  # one write for the user's times, one for its session's
+    assert await buffer.pending("u1") is None and await buffer.pending("u1", "") is None
     assert after.seen_at == after.last_activity_at == NOW - timedelta(minutes=1)
+    assert after.session_seen == {"": NOW - timedelta(minutes=1)}
     assert after.version == before.version and after.sessions == before.sessions
     assert 0 < await cache.client.ttl("user:u1") <= ttl_before
 
