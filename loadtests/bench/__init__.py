@@ -7,8 +7,9 @@
    >= 0.7. Then the revocation delay: publish ``disconnected`` → first 403 (median <= 100 ms).
 2. Events applied per second end to end (publish → committed in PostgreSQL) against raw pika
    publish + consume + ack of the same messages on the same broker; target ratio >= 0.5.
-3. PostgreSQL row updates caused by 100,000 granted requests from 1,000 users across 2 flushes
-   (pg_stat_user_tables deltas; target <= 2,000).
+3. PostgreSQL row updates caused by 100,000 granted requests from 1,000 users (one session
+   each) across 2 flushes (pg_stat_user_tables deltas; target <= 4,000: one per user and one per
+   session per flush).
 4. Expiry sweep seconds for 1,000,000 connected / 100,000 stale users (``bench_expiry.py``).
 5. Redis memory per 100,000 cached users; RSS of one API worker and one worker process.
 

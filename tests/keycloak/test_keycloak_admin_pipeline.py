@@ -282,6 +282,7 @@ async def test_refresh_token_counts_as_activity(
 ) -> None:
     user, s1, _ = await login_two(plugin, api, pg)
     await redis.hdel(activity_key("user"), user)
+    await redis.hdel(activity_key("session"), session_field(user, s1))
     plugin.client("REFRESH_TOKEN", user, s1)
 
     async def touched() -> bool:  # the user's activity, and that of the refreshed session
