@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.middleware import (
     AgeLimit,
     Callbacks,
@@ -19,6 +18,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
+from actors.consumer import Broker
 from actors.ingress import IngressMiddleware
 from actors.runtime import Runtime, StorageMiddleware
 from actors.sources import Source
@@ -28,7 +28,7 @@ from sessiond.config import Settings
 
 def build_broker(
     settings: Settings, runtime: Runtime, sources: Callable[[], list[Source]]
-) -> RabbitmqBroker:
+) -> Broker:
     amqp.warn_if_plaintext(settings)
     middleware = [
         AgeLimit(),
@@ -45,7 +45,7 @@ def build_broker(
         StorageMiddleware(runtime),
         IngressMiddleware(settings, sources),
     ]
-    return RabbitmqBroker(
+    return Broker(
         parameters=[amqp.parameter_kwargs(settings)],
         confirm_delivery=True,
         middleware=middleware,
