@@ -33,7 +33,6 @@ import pika.exceptions
 import pika.spec
 from dramatiq.middleware import Middleware
 from pika.adapters.asyncio_connection import AsyncioConnection
-from tortoise.transactions import in_transaction
 
 from actors.runtime import Runtime
 from sessiond import amqp
@@ -222,7 +221,7 @@ class Relay:
     async def step(self) -> int:
         """Publishes up to one batch; returns how many rows went out."""
         await self.publisher.ensure()
-        async with in_transaction() as tx:
+        async with db.transaction() as tx:
             rows = await store.claim(tx, self.settings.outbox_batch_size)
             if not rows:
                 return 0
