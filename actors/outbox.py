@@ -33,13 +33,12 @@ import pika.exceptions
 import pika.spec
 from dramatiq.middleware import Middleware
 from pika.adapters.asyncio_connection import AsyncioConnection
-from tortoise.transactions import in_transaction
 
 from actors.runtime import Runtime
 from sessiond import amqp
 from sessiond.config import Settings
-from storage import db
 from storage import outbox as store
+from storage import relay
 
 log = logging.getLogger(__name__)
 
@@ -236,12 +235,9 @@ class Relay:
     async def step(self) -> int:
         """Publishes up to one batch; returns how many rows went out."""
         await self.publisher.ensure()
-        async with in_transaction() as tx:
-            rows = await store.claim(tx, self.settings.outbox_batch_size)
-            if not rows:
-                return 0
-            await self.publisher.publish(rows)
-            await store.mark_sent(tx, [r.id for r in rows], at=datetime.now(UTC))
+        rows = await relay.relay_batch(self.settings.outbox_batch_size, self.publisher.publish)
+        if not rows:
+            return 0
         self.published += len(rows)
         log.debug("outbox published", extra={"count": len(rows), "last_id": rows[-1].id})
         return len(rows)
@@ -280,7 +276,7 @@ class Relay:
     async def _purge(self) -> None:
         if self.settings.outbox_retention_s > 0:
             before = datetime.now(UTC) - timedelta(seconds=self.settings.outbox_retention_s)
-            purged = await store.purge_sent(db.conn(), before=before)
+            purged = await relay.purge_sent(before=before)
             if purged:
                 log.info("outbox purged", extra={"rows": purged})
 

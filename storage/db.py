@@ -10,7 +10,7 @@ import asyncpg
 from tortoise import Tortoise, connections
 from tortoise import context as tortoise_context
 from tortoise.backends.base.client import BaseDBAsyncClient
-from tortoise.exceptions import DBConnectionError
+from tortoise.exceptions import DBConnectionError, OperationalError
 
 from sessiond.config import Settings, get_settings
 
@@ -25,6 +25,10 @@ DB_CONNECTION_ERRORS: Final = (
 )
 """What PostgreSQL calls raise, besides ``OSError``, when the server is down or restarting: the
 one list the API's outage answers (503, gRPC UNAVAILABLE) are built from."""
+
+DB_WRAPPED_ERROR: Final = OperationalError
+"""What Tortoise wraps any driver error in, a lost connection as well as a failing statement:
+the cause (``__cause__``) tells them apart."""
 
 APP = "models"
 

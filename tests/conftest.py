@@ -29,6 +29,7 @@ from sessiond.stack import cluster
 from sessiond.stack.cluster_config import ClusterConfig
 from storage import cache as cache_mod
 from storage import db as db_mod
+from storage import redis_conn
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("audit_events", "outbox", "processed_events", "sessions", "users")
@@ -205,7 +206,7 @@ async def orm_pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     """A decoding client on the emptied test Redis db, for checking what the processes wrote."""
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_conn.connect(settings, decode_responses=True)
     await client.flushdb()
     try:
         yield client
@@ -227,7 +228,7 @@ def events_out(settings: Settings) -> Iterator[Any]:
 
 @pytest.fixture
 async def cache(settings: Settings) -> AsyncIterator[cache_mod.Cache]:
-    c = cache_mod.Cache(cache_mod.connect(settings), ttl_s=settings.cache_ttl_s)
+    c = cache_mod.Cache(redis_conn.connect(settings), ttl_s=settings.cache_ttl_s)
     await c.client.flushdb()
     try:
         yield c
