@@ -35,8 +35,8 @@ import pika
 import pika.exceptions
 from dramatiq.middleware import Middleware
 
-from actors import deadletter, topology
-from actors.forwarding import Stamps, event_item, journal_message, partition_messages, with_stamp
+from actors import deadletter, messages, topology
+from actors.forwarding import Stamps, event_item, partition_messages, with_stamp
 from actors.sources import Source
 from actors.topology import JOBS_QUEUE, declare_dramatiq_queue, partition_queues
 from sessiond import amqp, keycloak
@@ -307,12 +307,7 @@ class Ingress(threading.Thread):
             items.append((event.user_id, item))
             forwarded += 1
         for msg in partition_messages(items, self.settings.partitions):
-            ch.basic_publish(
-                exchange="",
-                routing_key=msg.queue_name,
-                body=msg.encode(),
-                properties=pika.BasicProperties(delivery_mode=2),
-            )
+            messages.publish(ch, msg)
         if self.clock.last is not None:
             for source in sources.values():
                 topology.write_high_water(ch, source.queue, self.clock.last)
@@ -366,13 +361,7 @@ class Ingress(threading.Thread):
             stamped_at=stamps.stamped_at.isoformat(),
         )
         deadletter.publish(ch, self.settings, d.body, props)
-        journal = journal_message(reason, detail[:1000], d.source.queue)
-        ch.basic_publish(
-            exchange="",
-            routing_key=JOBS_QUEUE,
-            body=journal.encode(),
-            properties=pika.BasicProperties(delivery_mode=2),
-        )
+        messages.publish(ch, messages.dead_letter_journal(reason, detail, d.source.queue))
 
 
 class IngressMiddleware(Middleware):
