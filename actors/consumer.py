@@ -56,7 +56,7 @@ class ChannelBoundConsumer(_RabbitmqConsumer):  # type: ignore[misc]
             super().nack(message)  # type: ignore[no-untyped-call]
 
 
-class Broker(RabbitmqBroker):  # type: ignore[misc]
+class ChannelBoundBroker(RabbitmqBroker):  # type: ignore[misc]
     """Dramatiq's RabbitMQ broker with channel-bound acknowledgements."""
 
     @property

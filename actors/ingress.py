@@ -35,8 +35,8 @@ import pika
 import pika.exceptions
 from dramatiq.middleware import Middleware
 
-from actors import deadletter, topology
-from actors.forwarding import Stamps, event_item, journal_message, partition_messages, with_stamp
+from actors import deadletter, messages, topology
+from actors.forwarding import Stamps, event_item, partition_messages, with_stamp
 from actors.sources import Source
 from actors.topology import JOBS_QUEUE, declare_dramatiq_queue, partition_queues
 from sessiond import amqp, keycloak
@@ -130,7 +130,9 @@ class Ingress(threading.Thread):
             for source in self.sources:
                 if source.declare is not None:
                     source.declare(ch)
-                topology.declare_stamp_queue(ch, source.queue)
+                topology.declare_stamp_queue(ch, self.settings, source.queue)
+        except amqp.QueueTypeMismatch as exc:
+            raise QueueMismatch(str(exc)) from None
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 406:
                 raise
@@ -141,7 +143,7 @@ class Ingress(threading.Thread):
                 "and sessiond drains the old one into it"
             ) from None
         for queue in [*partition_queues(self.settings.partitions), JOBS_QUEUE]:
-            declare_dramatiq_queue(ch, queue)
+            declare_dramatiq_queue(ch, self.settings, queue)
 
     def _consume(self) -> None:
         conn = pika.BlockingConnection(amqp.connection_parameters(self.settings))
@@ -305,12 +307,7 @@ class Ingress(threading.Thread):
             items.append((event.user_id, item))
             forwarded += 1
         for msg in partition_messages(items, self.settings.partitions):
-            ch.basic_publish(
-                exchange="",
-                routing_key=msg.queue_name,
-                body=msg.encode(),
-                properties=pika.BasicProperties(delivery_mode=2),
-            )
+            messages.publish(ch, msg)
         if self.clock.last is not None:
             for source in sources.values():
                 topology.write_high_water(ch, source.queue, self.clock.last)
@@ -364,13 +361,7 @@ class Ingress(threading.Thread):
             stamped_at=stamps.stamped_at.isoformat(),
         )
         deadletter.publish(ch, self.settings, d.body, props)
-        journal = journal_message(reason, detail[:1000], d.source.queue)
-        ch.basic_publish(
-            exchange="",
-            routing_key=JOBS_QUEUE,
-            body=journal.encode(),
-            properties=pika.BasicProperties(delivery_mode=2),
-        )
+        messages.publish(ch, messages.dead_letter_journal(reason, detail, d.source.queue))
 
 
 class IngressMiddleware(Middleware):

@@ -23,16 +23,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from api.background import cancel
 from storage.cache import Ahead, Cache, RowState, UserSnapshot
+from storage.redis_conn import REDIS_CONNECTION_ERRORS, AsyncClient
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS: Final = (RedisConnectionError, RedisTimeoutError)
+REDIS_ERRORS: Final = REDIS_CONNECTION_ERRORS
 REDIS_UNAVAILABLE: Final = (*REDIS_ERRORS, OSError)
 """What a Redis call raises when the server is down or unreachable (not a bug of ours)."""
 REDIS_PROBE_S: Final = 0.5
@@ -41,7 +38,7 @@ REDIS_PROBE_S: Final = 0.5
 class RedisTrust:
     """Per process: is the cache bypassed, and the probe that ends the bypass."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: AsyncClient) -> None:
         self.client = client
         self.down = False
         self.failures = 0

@@ -18,6 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from storage import blocking
+from storage.cache import gone_key
 from storage.rows import Outcome
 from storage.unit_of_work import unit_of_work
 
@@ -57,6 +58,16 @@ async def unblock_user(
 
 async def is_blocked(client: aioredis.Redis, user_id: str) -> bool:
     return bool(await client.exists(blocked_key(user_id)))
+
+
+async def gone_reason(client: aioredis.Redis, user_id: str) -> str | None:
+    """On a cache miss, in one round trip: ``blocked`` or ``not_connected`` when the newest change
+    Redis saw disconnected the user (``gone:<id>``), told apart by ``blocked:<id>``; ``None`` when
+    the user is not gone (PostgreSQL decides)."""
+    gone, blocked = await client.mget([gone_key(user_id), blocked_key(user_id)])
+    if gone is None:
+        return None
+    return "blocked" if blocked is not None else "not_connected"
 
 
 async def mirror(client: aioredis.Redis, outcome: Outcome) -> None:

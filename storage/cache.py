@@ -15,8 +15,6 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from sessiond.config import Settings
-
 
 def user_key(user_id: str) -> str:
     return f"user:{user_id}"
@@ -246,14 +244,6 @@ class Ahead:
     cached: int
 
 
-def connect(settings: Settings) -> aioredis.Redis:
-    """A pooled client; ``rediss://`` URLs verify the server against ``SESSIOND_REDIS_CA_FILE``."""
-    kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
-    if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
-        kwargs["ssl_ca_certs"] = settings.redis_ca_file
-    return aioredis.Redis.from_url(settings.redis_url, **kwargs)
-
-
 class Cache:
     """Thin typed wrapper so callers never build keys or scripts themselves."""
 
@@ -348,6 +338,12 @@ class Cache:
     async def is_gone(self, user_id: str) -> bool:
         """The newest change Redis saw disconnected the user (see ``gone_key``)."""
         return bool(await self.client.exists(gone_key(user_id)))
+
+    async def raw_many(self, user_ids: Sequence[str]) -> list[bytes | None]:
+        """The cached ``user:<id>`` JSON of each user (``None``: a miss), in one ``MGET``; the hot
+        path parses it itself, once per distinct entry."""
+        values = await self.client.mget([user_key(user_id) for user_id in user_ids])
+        return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def get(self, user_id: str) -> UserSnapshot | None:
         raw = await self.client.get(user_key(user_id))

@@ -25,8 +25,11 @@ import redis.asyncio as aioredis
 
 from sessiond import amqp, stack
 from sessiond.config import Settings, get_settings
+from sessiond.stack import cluster
+from sessiond.stack.cluster_config import ClusterConfig
 from storage import cache as cache_mod
 from storage import db as db_mod
+from storage import redis_conn
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("audit_events", "outbox", "processed_events", "sessions", "users")
@@ -80,6 +83,20 @@ def stack_config() -> stack.StackConfig:
     cfg = stack.StackConfig.from_env()
     stack.up(cfg, install=False)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[ClusterConfig]:
+    """The local cluster (CONTRACT §10) started for the tests that ask for it, and stopped at the
+    end of the session unless it was already running (someone's ``stack up --cluster``)."""
+    cfg = ClusterConfig.from_env()
+    was_up = all(s["running"] for s in cluster.status(cfg).values())
+    cluster.up(cfg)
+    try:
+        yield cfg
+    finally:
+        if not was_up:
+            cluster.down(cfg)
 
 
 def isolated(cfg: stack.StackConfig) -> dict[str, str]:
@@ -189,7 +206,7 @@ async def orm_pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
 @pytest.fixture
 async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
     """A decoding client on the emptied test Redis db, for checking what the processes wrote."""
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_conn.connect(settings, decode_responses=True)
     await client.flushdb()
     try:
         yield client
@@ -211,7 +228,7 @@ def events_out(settings: Settings) -> Iterator[Any]:
 
 @pytest.fixture
 async def cache(settings: Settings) -> AsyncIterator[cache_mod.Cache]:
-    c = cache_mod.Cache(cache_mod.connect(settings), ttl_s=settings.cache_ttl_s)
+    c = cache_mod.Cache(redis_conn.connect(settings), ttl_s=settings.cache_ttl_s)
     await c.client.flushdb()
     try:
         yield c

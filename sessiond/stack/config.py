@@ -27,6 +27,8 @@ class StackConfig:
     dist_port: int = 25672
     redis_port: int = 6379
     pg_port: int = 5432
+    # Where the CA and certificates live when not under ``root`` (a cluster's nodes share one).
+    tls_root: Path | None = None
 
     @classmethod
     def from_env(cls) -> StackConfig:
@@ -43,7 +45,7 @@ class StackConfig:
 
     @property
     def tls_dir(self) -> Path:
-        return self.root / "tls"
+        return self.tls_root if self.tls_root is not None else self.root / "tls"
 
     @property
     def ca_file(self) -> Path:

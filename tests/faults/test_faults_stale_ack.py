@@ -20,7 +20,7 @@ import pika
 import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 
-from actors.consumer import Broker
+from actors.consumer import ChannelBoundBroker
 from sessiond import amqp
 from sessiond.config import Settings
 
@@ -98,5 +98,5 @@ def test_stock_consumer_acknowledges_another_message(settings: Settings, queue: 
 
 def test_channel_bound_consumer_keeps_every_message(settings: Settings, queue: str) -> None:
     """sessiond's broker: the stale acknowledgement is dropped, A and B are both redelivered."""
-    broker = Broker(parameters=[amqp.parameter_kwargs(settings)], middleware=[])
+    broker = ChannelBoundBroker(parameters=[amqp.parameter_kwargs(settings)], middleware=[])
     assert stage(broker, settings, queue) == ["A", "B"]
