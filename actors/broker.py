@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pika.exceptions
-from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import xq_name
 from dramatiq.middleware import (
     AgeLimit,
@@ -22,6 +22,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
+from actors.consumer import ChannelBoundBroker
 from actors.ingress import IngressMiddleware
 from actors.runtime import Runtime, StorageMiddleware
 from actors.sources import Source
@@ -29,7 +30,7 @@ from sessiond import amqp
 from sessiond.config import Settings
 
 
-class Broker(RabbitmqBroker):
+class Broker(ChannelBoundBroker):
     """Dramatiq's RabbitMQ broker with sessiond's queue type: the partition, jobs, delay (``.DQ``)
     and dead-letter (``.XQ``) queues Dramatiq declares get ``amqp.queue_arguments`` like every
     queue sessiond declares itself. Dramatiq's own arguments (dead-lettering, the ``.XQ`` TTL)

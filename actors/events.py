@@ -14,7 +14,8 @@ from typing import Any
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
-from actors import deadletter
+from actors import deadletter, messages
+from actors.messages import RECORD_DEAD_LETTER
 from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE, actor_name
 from sessiond import amqp
@@ -146,15 +147,8 @@ def record_dead_letter_later(
     broker: dramatiq.Broker, reason: str, detail: str, message: Any, *, user_id: str | None = None
 ) -> None:
     """Journals through the jobs queue: the database may be the very thing that is down."""
-    broker.enqueue(
-        dramatiq.Message(
-            queue_name=JOBS_QUEUE,
-            actor_name="record_dead_letter",
-            args=(reason, detail[:1000], message.queue_name if message else "", user_id),
-            kwargs={},
-            options={},
-        )
-    )
+    source_queue = message.queue_name if message else ""
+    broker.enqueue(messages.dead_letter_journal(reason, detail, source_queue, user_id))
 
 
 def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[Any, Any]]:
@@ -188,7 +182,7 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
         runtime.run(write())
 
     actors.append(
-        dramatiq.actor(actor_name="record_dead_letter", queue_name=JOBS_QUEUE, broker=broker)(
+        dramatiq.actor(actor_name=RECORD_DEAD_LETTER, queue_name=JOBS_QUEUE, broker=broker)(
             record_dead_letter
         )
     )
