@@ -46,7 +46,7 @@ async def test_a_journal_past_its_budget_is_dead_lettered_whole_and_replays_to_i
     worker = spawn(*WORKER)
     started(worker, settings.ingest_queue, settings)
     # Given a journal message that cannot run (no arguments), older than the age budget
-    broken = dramatiq.Message(
+    broken: dramatiq.Message[object] = dramatiq.Message(
         queue_name=JOBS_QUEUE, actor_name=RECORD_DEAD_LETTER, args=(), kwargs={}, options={}
     )
     messages.publish(broker_client.ch, _old(broken, settings.retry_max_age_s + 60))
@@ -90,7 +90,7 @@ def test_a_failed_or_stale_job_tick_is_dropped_not_dead_lettered(
     worker = spawn(*WORKER, env={"SESSIOND_LOG_LEVEL": "INFO"})
     started(worker, settings.ingest_queue, settings)
     # Given a tick that fails (an argument the job does not take) and one far too old
-    failing = dramatiq.Message(
+    failing: dramatiq.Message[object] = dramatiq.Message(
         queue_name=JOBS_QUEUE, actor_name=FLUSH, args=(), kwargs={"bogus": 1}, options={}
     )
     messages.publish(broker_client.ch, failing)
