@@ -3,9 +3,11 @@
 The publisher knows nothing of Dramatiq (CONTRACT §1), so a small consumer in every worker process
 reads the durable queues of ``actors.sources``, validates each body, and republishes it as a
 Dramatiq message to the partition queue of its user, or to the dead-letter queue with a reason.
-The channel is in AMQP transaction mode: a batch's publishes and the acknowledgement of its inputs
-commit together, so a crash in between redelivers the batch (duplicates are harmless) and loses
-nothing.
+The channel is in AMQP transaction mode with two commits per batch: its publishes (partition
+messages, dead letters, the high-water stamp), then the acks of its inputs. RabbitMQ's
+transactions are not atomic across queues ("Broker Semantics"): one commit cut short by a broker
+shutdown could settle the acks and drop a publish. Acking only after the publishes' commit-ok
+(stored) makes a crash anywhere redeliver instead: duplicates, which are harmless.
 
 Order: each ingest queue has a single active consumer (the other processes' consumers wait), and
 it gives every message a stamp that never goes backwards (``sessiond.stamps``), also across a
@@ -128,7 +130,9 @@ class Ingress(threading.Thread):
             for source in self.sources:
                 if source.declare is not None:
                     source.declare(ch)
-                topology.declare_stamp_queue(ch, source.queue)
+                topology.declare_stamp_queue(ch, self.settings, source.queue)
+        except amqp.QueueTypeMismatch as exc:
+            raise QueueMismatch(str(exc)) from None
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 406:
                 raise
@@ -139,7 +143,7 @@ class Ingress(threading.Thread):
                 "and sessiond drains the old one into it"
             ) from None
         for queue in [*partition_queues(self.settings.partitions), JOBS_QUEUE]:
-            declare_dramatiq_queue(ch, queue)
+            declare_dramatiq_queue(ch, self.settings, queue)
 
     def _consume(self) -> None:
         conn = pika.BlockingConnection(amqp.connection_parameters(self.settings))
@@ -234,7 +238,6 @@ class Ingress(threading.Thread):
         if pending:
             batch, pending[:] = list(pending), []
             self._forward(ch, batch)
-        ch.tx_commit()
         if self.stopping.is_set():
             return
         ch.queue_delete(legacy, if_empty=True)  # not empty after all: 406, reconnect, drain again
@@ -308,6 +311,7 @@ class Ingress(threading.Thread):
         if self.clock.last is not None:
             for source in sources.values():
                 topology.write_high_water(ch, source.queue, self.clock.last)
+        ch.tx_commit()  # stored by RabbitMQ before any input is acknowledged
         last_tag = int(batch[-1].method.delivery_tag)
         for tag in self._high_water_tags:
             if tag > last_tag:  # a lower tag is covered by the multiple ack below

@@ -78,8 +78,39 @@ class Publisher:
         if self.is_open:
             return
         await self.close()
-        params = amqp.parameter_kwargs(self.settings)
-        params.update(connection_attempts=1, retry_delay=0)
+        # Each node of SESSIOND_AMQP_URL in turn, once: the relay's own loop retries later.
+        failure: BaseException = ConnectionError("no AMQP URL")
+        for params in amqp.parameter_list(self.settings):
+            params.update(connection_attempts=1, retry_delay=0)
+            try:
+                await self._open(params)
+                break
+            except (ConnectionError, TimeoutError) as exc:
+                failure = exc
+                await self.close()
+        else:
+            raise failure
+        conn = self.conn
+        assert conn is not None
+        self.channel = await self._call(lambda done: conn.channel(on_open_callback=done))
+        self.channel.add_on_close_callback(
+            lambda _ch, exc: self._lost(ConnectionError(f"channel closed: {exc!r}"))
+        )
+        self._tag = 0
+        await self._call(
+            lambda done: self.channel.confirm_delivery(self._on_confirm, callback=done)
+        )
+        await self._call(
+            lambda done: self.channel.exchange_declare(
+                self.settings.events_out_exchange,
+                exchange_type="topic",
+                durable=True,
+                callback=done,
+            )
+        )
+
+    async def _open(self, params: dict[str, Any]) -> None:
+        """One connection attempt to one node; raises ``ConnectionError`` when it fails."""
         opened = self._future()
 
         def on_open(conn: Any) -> None:
@@ -102,23 +133,6 @@ class Publisher:
             custom_ioloop=asyncio.get_running_loop(),
         )
         await self._wait(opened)
-        conn = self.conn
-        self.channel = await self._call(lambda done: conn.channel(on_open_callback=done))
-        self.channel.add_on_close_callback(
-            lambda _ch, exc: self._lost(ConnectionError(f"channel closed: {exc!r}"))
-        )
-        self._tag = 0
-        await self._call(
-            lambda done: self.channel.confirm_delivery(self._on_confirm, callback=done)
-        )
-        await self._call(
-            lambda done: self.channel.exchange_declare(
-                self.settings.events_out_exchange,
-                exchange_type="topic",
-                durable=True,
-                callback=done,
-            )
-        )
 
     async def publish(self, rows: Sequence[store.OutboxRow]) -> None:
         """Returns once the broker has confirmed every message; raises on a nack or a loss."""

@@ -25,6 +25,8 @@ import redis.asyncio as aioredis
 
 from sessiond import amqp, stack
 from sessiond.config import Settings, get_settings
+from sessiond.stack import cluster
+from sessiond.stack.cluster_config import ClusterConfig
 from storage import cache as cache_mod
 from storage import db as db_mod
 from storage import redis_conn
@@ -81,6 +83,20 @@ def stack_config() -> stack.StackConfig:
     cfg = stack.StackConfig.from_env()
     stack.up(cfg, install=False)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[ClusterConfig]:
+    """The local cluster (CONTRACT §10) started for the tests that ask for it, and stopped at the
+    end of the session unless it was already running (someone's ``stack up --cluster``)."""
+    cfg = ClusterConfig.from_env()
+    was_up = all(s["running"] for s in cluster.status(cfg).values())
+    cluster.up(cfg)
+    try:
+        yield cfg
+    finally:
+        if not was_up:
+            cluster.down(cfg)
 
 
 def isolated(cfg: stack.StackConfig) -> dict[str, str]:
