@@ -13,17 +13,16 @@ import pika.exceptions
 from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import xq_name
 from dramatiq.middleware import (
-    AgeLimit,
     Callbacks,
     CurrentMessage,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
 
 from actors.consumer import ChannelBoundBroker
 from actors.ingress import IngressMiddleware
+from actors.retry import AgeLimit, BudgetRetries
 from actors.runtime import Runtime, StorageMiddleware
 from actors.sources import Source
 from sessiond import amqp
@@ -69,11 +68,7 @@ def build_broker(
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        Retries(
-            max_retries=settings.retry_max + 1,
-            min_backoff=settings.retry_min_backoff_ms,
-            max_backoff=settings.retry_max_backoff_ms,
-        ),
+        BudgetRetries(settings),  # the retry rule and what happens past it: actors.retry
         CurrentMessage(),
         StorageMiddleware(runtime),
         IngressMiddleware(settings, sources),

@@ -360,8 +360,8 @@ class Ingress(threading.Thread):
             received_at=stamps.received_at.isoformat(),
             stamped_at=stamps.stamped_at.isoformat(),
         )
-        deadletter.publish(ch, self.settings, d.body, props)
-        messages.publish(ch, messages.dead_letter_journal(reason, detail, d.source.queue))
+        journal = messages.dead_letter_journal(reason, detail, d.source.queue)
+        deadletter.bury(ch, self.settings, d.body, props, journal)
 
 
 class IngressMiddleware(Middleware):
