@@ -31,6 +31,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from actors.jobs import EXPIRE, FLUSH, period_s
 from actors.topology import JOBS_QUEUE
 from sessiond.config import Settings, get_settings
+from storage.redis_client import SyncRedis, connect_sync
 
 log = logging.getLogger("sessiond.scheduler")
 
@@ -51,7 +52,7 @@ def tick_key(job: str, tick: int) -> str:
     return f"sched:{job}:{tick}"
 
 
-def claim_tick(client: redis.Redis, job: Job, now: float, owner: str) -> int | None:
+def claim_tick(client: SyncRedis, job: Job, now: float, owner: str) -> int | None:
     """The tick number when this replica won it, else ``None``. The key outlives the tick window so
     a late replica cannot claim the same tick again; it never stands in the way of the next one."""
     tick = math.floor(now / job.period_s)
@@ -70,11 +71,8 @@ def job_message(job: Job, tick: int) -> dramatiq.Message[Any]:
     )
 
 
-def redis_client(settings: Settings) -> redis.Redis:
-    kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
-    if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
-        kwargs["ssl_ca_certs"] = settings.redis_ca_file
-    return redis.Redis.from_url(settings.redis_url, **kwargs)
+def redis_client(settings: Settings) -> SyncRedis:
+    return connect_sync(settings)
 
 
 class Ticker:
@@ -83,7 +81,7 @@ class Ticker:
     def __init__(
         self,
         broker: dramatiq.Broker,
-        client: redis.Redis,
+        client: SyncRedis,
         *,
         owner: str | None = None,
         clock: Clock = time.time,

@@ -28,17 +28,15 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import redis.asyncio as aioredis
-
 from api.cachetrust import REDIS_UNAVAILABLE, RedisTrust, refill
 from api.metrics import Metrics
 from api.recorder import Recorder
 from api.tokens import Principal, TokenError, TokenValidator, predates_fence
 from sessiond.errors import DependencyUnavailable, SessiondError
 from storage.activity import ActivityBuffer
-from storage.block import blocked_key
-from storage.cache import Cache, UserSnapshot, gone_key, user_key
+from storage.cache import Cache, UserSnapshot, user_key
 from storage.db import DB_CONNECTION_ERRORS
+from storage.redis_client import AsyncRedis, mget
 from storage.state import load_snapshot
 
 log = logging.getLogger(__name__)
@@ -87,10 +85,11 @@ def iso(epoch: float | None) -> str | None:
 
 class UserLoader:
     """Coalesces the ``GET user:<id>`` of requests that arrive in the same event-loop turn into
-    one ``MGET`` (requests for the same user share one slot), so Redis client work is paid per
-    batch rather than per request. Each request still reads after it arrived: no staleness."""
+    one ``MGET`` (requests for the same user share one slot; a cluster's split per slot), so
+    Redis client work is paid per batch rather than per request. Each request still reads
+    after it arrived: no staleness."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: AsyncRedis) -> None:
         self.client = client
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -112,7 +111,7 @@ class UserLoader:
 
     async def _fetch(self, batch: dict[str, asyncio.Future[bytes | None]]) -> None:
         try:
-            values = await self.client.mget([user_key(user_id) for user_id in batch])
+            values = await mget(self.client, [user_key(user_id) for user_id in batch])
         except Exception as exc:
             for future in batch.values():
                 if not future.done():
@@ -194,7 +193,8 @@ class AccessControl:
         same round trip), else ``not_connected``. ``None``: not gone, or unknown when Redis
         fails (PostgreSQL decides)."""
         try:
-            gone, blocked = await self.redis.mget([gone_key(user_id), blocked_key(user_id)])
+            keys = self.cache.layout
+            gone, blocked = await self.redis.mget([keys.gone(user_id), keys.blocked(user_id)])
         except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
             return None

@@ -23,25 +23,24 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Final
 
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from api.background import cancel
 from storage.cache import Ahead, Cache, RowState, UserSnapshot
+from storage.redis_client import UNAVAILABLE, AsyncRedis, ping
 
 log = logging.getLogger(__name__)
 
-REDIS_ERRORS: Final = (RedisConnectionError, RedisTimeoutError)
-REDIS_UNAVAILABLE: Final = (*REDIS_ERRORS, OSError)
-"""What a Redis call raises when the server is down or unreachable (not a bug of ours)."""
+REDIS_UNAVAILABLE: Final = UNAVAILABLE
+"""What a Redis call raises when the server (a cluster's master) is down or unreachable, or
+a cluster's failover is under way: not a bug of ours."""
+REDIS_ERRORS: Final = tuple(e for e in UNAVAILABLE if e is not OSError)
+"""The same, without the bare ``OSError`` that PostgreSQL's driver may raise too."""
 REDIS_PROBE_S: Final = 0.5
 
 
 class RedisTrust:
     """Per process: is the cache bypassed, and the probe that ends the bypass."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: AsyncRedis) -> None:
         self.client = client
         self.down = False
         self.failures = 0
@@ -64,7 +63,7 @@ class RedisTrust:
             await asyncio.sleep(REDIS_PROBE_S)
             failures = self.failures
             try:
-                await self.client.ping()
+                await ping(self.client)
                 if self.catch_up is not None:
                     await self.catch_up()
             except Exception as exc:  # still down, or PostgreSQL is: keep off the cache

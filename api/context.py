@@ -5,7 +5,6 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
-import redis.asyncio as aioredis
 from sanic import Request, Sanic
 from sanic.config import Config
 
@@ -18,6 +17,7 @@ from api.tokens import TokenValidator
 from sessiond.config import Settings
 from storage.activity import ActivityBuffer
 from storage.cache import Cache
+from storage.redis_client import AsyncRedis
 
 if TYPE_CHECKING:
     from api.grpc_authz import GrpcServer
@@ -27,7 +27,7 @@ class AppContext:
     """Built by ``create_app`` (settings, clock, tokens, metrics); the connection-backed members
     (``redis`` … ``access``) are set by the ``before_server_start`` listener of each worker."""
 
-    redis: aioredis.Redis
+    redis: AsyncRedis
     cache: Cache
     activity: ActivityBuffer
     recorder: Recorder

@@ -15,16 +15,14 @@ import json
 from typing import Final
 from urllib.parse import quote
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from api.access import AccessControl, Denied, Grant
 from api.tokens import TokenError
 from sessiond.errors import DependencyUnavailable
+from storage.redis_client import UNAVAILABLE as REDIS_UNAVAILABLE
 
 IDENTITY_HEADERS: Final = ("X-User-Id", "X-User-Email", "X-Session-Id")
 WWW_AUTHENTICATE_BEARER: Final = 'Bearer error="invalid_token"'
-UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, DependencyUnavailable, OSError)
+UNAVAILABLE: Final = (*REDIS_UNAVAILABLE, DependencyUnavailable)
 """What ``decide`` raises when a dependency is down: 503 over HTTP, UNAVAILABLE over gRPC."""
 
 # Visible ASCII but "%" stays as is; everything else (space, "%", controls, non-ASCII) is

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Final
 
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from sanic import HTTPResponse, Request
 from sanic.exceptions import SanicException
 from sanic.handlers import ErrorHandler
@@ -15,11 +13,12 @@ from sanic.response import json
 from api.access import Denied
 from api.tokens import TokenError
 from sessiond.errors import DependencyUnavailable
+from storage.redis_client import UNAVAILABLE as REDIS_UNAVAILABLE
 
 log = logging.getLogger("api.errors")
 
 WWW_AUTHENTICATE: Final = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
-_UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, DependencyUnavailable, OSError)
+_UNAVAILABLE: Final = (*REDIS_UNAVAILABLE, DependencyUnavailable)
 
 
 def invalid_token(reason: str) -> HTTPResponse:

@@ -18,11 +18,11 @@ import logging
 import time
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 from sanic import Request
 
 from api.metrics import Counter
 from storage.activity import REFUSED_DECISION, AccessLog, ActivityBuffer, RefusedKey
+from storage.redis_client import AsyncRedis
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Recorder:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncRedis,
         activity: ActivityBuffer,
         *,
         access_log: AccessLog | None = None,

@@ -27,6 +27,7 @@ from sessiond import amqp, stack
 from sessiond.config import Settings, get_settings
 from storage import cache as cache_mod
 from storage import db as db_mod
+from storage.redis_client import AsyncRedis
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("audit_events", "outbox", "processed_events", "sessions", "users")
@@ -60,7 +61,7 @@ async def async_wait_until(
 
 
 async def cache_entry_when(
-    redis: aioredis.Redis, user_id: str, predicate: Callable[[dict[str, Any] | None], bool]
+    redis: AsyncRedis, user_id: str, predicate: Callable[[dict[str, Any] | None], bool]
 ) -> dict[str, Any] | None:
     """The worker syncs Redis just after its PostgreSQL commit, so a test that has seen the
     commit waits for the cache to follow instead of racing it; returns the entry once
