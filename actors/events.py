@@ -17,6 +17,7 @@ from dramatiq.middleware import CurrentMessage
 from actors import deadletter
 from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE, actor_name
+from sessiond import amqp
 from sessiond.events import Event, partition_queue
 from storage import block, db, revocation, state
 from storage.activity import ActivityBuffer
@@ -98,7 +99,7 @@ def _dead_letter(
         stamped_at=str(item.get("stamped_at") or "") or None,
     )
     channel = broker.channel  # type: ignore[attr-defined]
-    channel.queue_declare(runtime.settings.dead_letter_queue, durable=True)
+    amqp.declare_queue(channel, runtime.settings, runtime.settings.dead_letter_queue)
     deadletter.publish(channel, runtime.settings, str(item.get("raw", "")).encode("utf-8"), props)
     log.error("event dead-lettered", extra={"reason": reason, "detail": detail[:300]})
     user_id = item.get("event", {}).get("user_id") if isinstance(item.get("event"), dict) else None

@@ -128,7 +128,9 @@ class Ingress(threading.Thread):
             for source in self.sources:
                 if source.declare is not None:
                     source.declare(ch)
-                topology.declare_stamp_queue(ch, source.queue)
+                topology.declare_stamp_queue(ch, self.settings, source.queue)
+        except amqp.QueueTypeMismatch as exc:
+            raise QueueMismatch(str(exc)) from None
         except pika.exceptions.ChannelClosedByBroker as exc:
             if exc.reply_code != 406:
                 raise
@@ -139,7 +141,7 @@ class Ingress(threading.Thread):
                 "and sessiond drains the old one into it"
             ) from None
         for queue in [*partition_queues(self.settings.partitions), JOBS_QUEUE]:
-            declare_dramatiq_queue(ch, queue)
+            declare_dramatiq_queue(ch, self.settings, queue)
 
     def _consume(self) -> None:
         conn = pika.BlockingConnection(amqp.connection_parameters(self.settings))

@@ -23,7 +23,8 @@ from sessiond.config import Settings, get_settings
 from storage import db as db_mod
 from storage import expiry, flush, retention
 from storage.activity import AccessLog, ActivityBuffer
-from storage.cache import Cache, connect
+from storage.cache import Cache
+from storage.redis_conn import connect
 
 log = logging.getLogger(__name__)
 

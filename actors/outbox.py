@@ -33,13 +33,12 @@ import pika.exceptions
 import pika.spec
 from dramatiq.middleware import Middleware
 from pika.adapters.asyncio_connection import AsyncioConnection
-from tortoise.transactions import in_transaction
 
 from actors.runtime import Runtime
 from sessiond import amqp
 from sessiond.config import Settings
-from storage import db
 from storage import outbox as store
+from storage import relay
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +78,39 @@ class Publisher:
         if self.is_open:
             return
         await self.close()
-        params = amqp.parameter_kwargs(self.settings)
-        params.update(connection_attempts=1, retry_delay=0)
+        # Each node of SESSIOND_AMQP_URL in turn, once: the relay's own loop retries later.
+        failure: BaseException = ConnectionError("no AMQP URL")
+        for params in amqp.parameter_list(self.settings):
+            params.update(connection_attempts=1, retry_delay=0)
+            try:
+                await self._open(params)
+                break
+            except (ConnectionError, TimeoutError) as exc:
+                failure = exc
+                await self.close()
+        else:
+            raise failure
+        conn = self.conn
+        assert conn is not None
+        self.channel = await self._call(lambda done: conn.channel(on_open_callback=done))
+        self.channel.add_on_close_callback(
+            lambda _ch, exc: self._lost(ConnectionError(f"channel closed: {exc!r}"))
+        )
+        self._tag = 0
+        await self._call(
+            lambda done: self.channel.confirm_delivery(self._on_confirm, callback=done)
+        )
+        await self._call(
+            lambda done: self.channel.exchange_declare(
+                self.settings.events_out_exchange,
+                exchange_type="topic",
+                durable=True,
+                callback=done,
+            )
+        )
+
+    async def _open(self, params: dict[str, Any]) -> None:
+        """One connection attempt to one node; raises ``ConnectionError`` when it fails."""
         opened = self._future()
 
         def on_open(conn: Any) -> None:
@@ -103,23 +133,6 @@ class Publisher:
             custom_ioloop=asyncio.get_running_loop(),
         )
         await self._wait(opened)
-        conn = self.conn
-        self.channel = await self._call(lambda done: conn.channel(on_open_callback=done))
-        self.channel.add_on_close_callback(
-            lambda _ch, exc: self._lost(ConnectionError(f"channel closed: {exc!r}"))
-        )
-        self._tag = 0
-        await self._call(
-            lambda done: self.channel.confirm_delivery(self._on_confirm, callback=done)
-        )
-        await self._call(
-            lambda done: self.channel.exchange_declare(
-                self.settings.events_out_exchange,
-                exchange_type="topic",
-                durable=True,
-                callback=done,
-            )
-        )
 
     async def publish(self, rows: Sequence[store.OutboxRow]) -> None:
         """Returns once the broker has confirmed every message; raises on a nack or a loss."""
@@ -222,12 +235,9 @@ class Relay:
     async def step(self) -> int:
         """Publishes up to one batch; returns how many rows went out."""
         await self.publisher.ensure()
-        async with in_transaction() as tx:
-            rows = await store.claim(tx, self.settings.outbox_batch_size)
-            if not rows:
-                return 0
-            await self.publisher.publish(rows)
-            await store.mark_sent(tx, [r.id for r in rows], at=datetime.now(UTC))
+        rows = await relay.relay_batch(self.settings.outbox_batch_size, self.publisher.publish)
+        if not rows:
+            return 0
         self.published += len(rows)
         log.debug("outbox published", extra={"count": len(rows), "last_id": rows[-1].id})
         return len(rows)
@@ -266,7 +276,7 @@ class Relay:
     async def _purge(self) -> None:
         if self.settings.outbox_retention_s > 0:
             before = datetime.now(UTC) - timedelta(seconds=self.settings.outbox_retention_s)
-            purged = await store.purge_sent(db.conn(), before=before)
+            purged = await relay.purge_sent(before=before)
             if purged:
                 log.info("outbox purged", extra={"rows": purged})
 

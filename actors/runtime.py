@@ -15,7 +15,7 @@ from dramatiq.middleware.asyncio import AsyncIO
 
 from sessiond.config import Settings
 from storage import cache as cache_mod
-from storage import db
+from storage import db, redis_conn
 from storage.redis_policy import check_memory_policy
 
 T = TypeVar("T")
@@ -43,7 +43,7 @@ class Runtime:
     async def open(self) -> None:
         await db.open_db(self.settings)
         self.cache = cache_mod.Cache(
-            cache_mod.connect(self.settings), ttl_s=self.settings.cache_ttl_s
+            redis_conn.connect(self.settings), ttl_s=self.settings.cache_ttl_s
         )
         if self.settings.redis_policy_check:
             await check_memory_policy(self.cache.client)

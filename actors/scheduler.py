@@ -23,7 +23,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import dramatiq
-import redis
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
@@ -31,7 +30,9 @@ from apscheduler.triggers.interval import IntervalTrigger
 from actors.jobs import EXPIRE, FLUSH, period_s
 from actors.topology import JOBS_QUEUE
 from sessiond.config import Settings, get_settings
-from storage.redis_client import SyncRedis, connect_sync
+from sessiond.errors import DependencyUnavailable
+from storage.redis_conn import SyncClient, connect_sync
+from storage.ticks import claim_tick
 
 log = logging.getLogger("sessiond.scheduler")
 
@@ -48,19 +49,6 @@ def jobs(settings: Settings) -> list[Job]:
     return [Job(name, period_s(settings, name)) for name in (FLUSH, EXPIRE)]
 
 
-def tick_key(job: str, tick: int) -> str:
-    return f"sched:{job}:{tick}"
-
-
-def claim_tick(client: SyncRedis, job: Job, now: float, owner: str) -> int | None:
-    """The tick number when this replica won it, else ``None``. The key outlives the tick window so
-    a late replica cannot claim the same tick again; it never stands in the way of the next one."""
-    tick = math.floor(now / job.period_s)
-    ttl_ms = max(1000, int(job.period_s * 3000))
-    won = client.set(tick_key(job.actor_name, tick), owner, nx=True, px=ttl_ms)
-    return tick if won else None
-
-
 def job_message(job: Job, tick: int) -> dramatiq.Message[Any]:
     return dramatiq.Message(
         queue_name=JOBS_QUEUE,
@@ -71,17 +59,13 @@ def job_message(job: Job, tick: int) -> dramatiq.Message[Any]:
     )
 
 
-def redis_client(settings: Settings) -> SyncRedis:
-    return connect_sync(settings)
-
-
 class Ticker:
     """Claims ticks and enqueues jobs; the clock is injectable for tests."""
 
     def __init__(
         self,
         broker: dramatiq.Broker,
-        client: SyncRedis,
+        client: SyncClient,
         *,
         owner: str | None = None,
         clock: Clock = time.time,
@@ -94,8 +78,8 @@ class Ticker:
     def fire(self, job: Job) -> int | None:
         """Enqueues ``job`` when this replica wins the current tick; returns that tick."""
         try:
-            tick = claim_tick(self.client, job, self.clock(), self.owner)
-        except redis.RedisError as exc:
+            tick = claim_tick(self.client, job.actor_name, job.period_s, self.clock(), self.owner)
+        except DependencyUnavailable as exc:
             # Without the lock every replica would enqueue: skip the tick, the next one is close.
             log.error(
                 "tick not claimed: redis unavailable",
@@ -153,7 +137,7 @@ def main() -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    client = redis_client(settings)
+    client = connect_sync(settings)
     ticker = Ticker(broker, client)
     job_list = jobs(settings)
     scheduler = build_scheduler(ticker, job_list)

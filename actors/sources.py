@@ -64,9 +64,7 @@ def keycloak_source(settings: Settings) -> Source:
             ch.exchange_declare(exchange, exchange_type="topic", passive=True)
         else:
             ch.exchange_declare(exchange, exchange_type="topic", durable=True)
-        ch.queue_declare(
-            settings.keycloak_queue, durable=True, arguments=amqp.INGEST_QUEUE_ARGUMENTS
-        )
+        amqp.declare_queue(ch, settings, settings.keycloak_queue, amqp.INGEST_QUEUE_ARGUMENTS)
         for key in keys:
             ch.queue_bind(settings.keycloak_queue, exchange, routing_key=key)
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import pika
 
+from sessiond import amqp
+from sessiond.config import Settings
 from sessiond.events import partition_queue
 from sessiond.stamps import parse_stamp
 
@@ -33,8 +35,8 @@ def dramatiq_queue_arguments(queue: str) -> dict[str, Any]:
     return {"x-dead-letter-exchange": "", "x-dead-letter-routing-key": f"{queue}.XQ"}
 
 
-def declare_dramatiq_queue(channel: Any, queue: str) -> None:
-    channel.queue_declare(queue, durable=True, arguments=dramatiq_queue_arguments(queue))
+def declare_dramatiq_queue(channel: Any, settings: Settings, queue: str) -> None:
+    amqp.declare_queue(channel, settings, queue, dramatiq_queue_arguments(queue))
 
 
 def partition_queues(partitions: int) -> list[str]:
@@ -56,8 +58,8 @@ def stamp_queue(queue: str) -> str:
     return f"{queue}.stamp"
 
 
-def declare_stamp_queue(channel: Any, queue: str) -> None:
-    channel.queue_declare(stamp_queue(queue), durable=True, arguments=STAMP_QUEUE_ARGUMENTS)
+def declare_stamp_queue(channel: Any, settings: Settings, queue: str) -> None:
+    amqp.declare_queue(channel, settings, stamp_queue(queue), STAMP_QUEUE_ARGUMENTS)
 
 
 def read_high_water(channel: Any, queue: str) -> tuple[datetime | None, int | None]:

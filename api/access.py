@@ -34,9 +34,9 @@ from api.recorder import Recorder
 from api.tokens import Principal, TokenError, TokenValidator, predates_fence
 from sessiond.errors import DependencyUnavailable, SessiondError
 from storage.activity import ActivityBuffer
-from storage.cache import Cache, UserSnapshot, user_key
+from storage.block import gone_reason
+from storage.cache import Cache, UserSnapshot
 from storage.db import DB_CONNECTION_ERRORS
-from storage.redis_client import AsyncRedis, mget
 from storage.state import load_snapshot
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ class UserLoader:
     Redis client work is paid per batch rather than per request. Each request still reads
     after it arrived: no staleness."""
 
-    def __init__(self, client: AsyncRedis) -> None:
-        self.client = client
+    def __init__(self, cache: Cache) -> None:
+        self.cache = cache
         self._pending: dict[str, asyncio.Future[bytes | None]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -111,7 +111,7 @@ class UserLoader:
 
     async def _fetch(self, batch: dict[str, asyncio.Future[bytes | None]]) -> None:
         try:
-            values = await mget(self.client, [user_key(user_id) for user_id in batch])
+            values = await self.cache.raw_many(list(batch))
         except Exception as exc:
             for future in batch.values():
                 if not future.done():
@@ -119,7 +119,7 @@ class UserLoader:
             return
         for future, value in zip(batch.values(), values, strict=True):
             if not future.done():
-                future.set_result(value.encode() if isinstance(value, str) else value)
+                future.set_result(value)
 
 
 class AccessControl:
@@ -142,7 +142,7 @@ class AccessControl:
         self.redis = cache.client
         self.activity = activity
         self.recorder = recorder
-        self.loader = UserLoader(cache.client)
+        self.loader = UserLoader(cache)
         self._parsed: dict[bytes, tuple[dict[str, Any], float | None]] = {}
         self.metrics = metrics
         self.clock = clock
@@ -193,14 +193,10 @@ class AccessControl:
         same round trip), else ``not_connected``. ``None``: not gone, or unknown when Redis
         fails (PostgreSQL decides)."""
         try:
-            keys = self.cache.layout
-            gone, blocked = await self.redis.mget([keys.gone(user_id), keys.blocked(user_id)])
+            return await gone_reason(self.redis, user_id)
         except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
             return None
-        if gone is None:
-            return None
-        return "blocked" if blocked is not None else "not_connected"
 
     async def authenticate(self, header: str | None, route: str) -> Principal:
         """The token alone (admin routes); a refusal is counted and journaled."""

@@ -19,7 +19,6 @@ from sanic import HTTPResponse, Request, Sanic
 from sanic.config import Config
 from sanic_ext import Extend
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
-from tortoise.exceptions import OperationalError
 
 from api.access import AccessControl, Clock
 from api.context import App, AppContext
@@ -34,7 +33,7 @@ from sessiond.config import Settings, get_settings
 from sessiond.errors import DependencyUnavailable
 from sessiond.logs import setup_logging
 from storage import cache as cache_mod
-from storage import db
+from storage import db, redis_conn
 from storage.activity import AccessLog, ActivityBuffer
 from storage.redis_policy import check_memory_policy
 
@@ -88,7 +87,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     # a 500: asyncpg's connection errors are not OSErrors.
     for kind in db.DB_CONNECTION_ERRORS:
         app.error_handler.add(kind, _db_unavailable)
-    app.error_handler.add(OperationalError, _db_operational)
+    app.error_handler.add(db.DB_WRAPPED_ERROR, _db_operational)
     app.register_listener(_share_metrics, "main_process_start")
     app.register_listener(_unshare_metrics, "main_process_stop")
     app.register_listener(_open, "before_server_start")
@@ -120,7 +119,7 @@ async def _open(app: App) -> None:
     ctx = app.ctx
     settings = ctx.settings
     await db.open_db(settings)
-    ctx.redis = cache_mod.connect(settings)
+    ctx.redis = redis_conn.connect(settings)
     if settings.redis_policy_check:
         await check_memory_policy(ctx.redis)
     ctx.cache = cache_mod.Cache(ctx.redis, ttl_s=settings.cache_ttl_s)
@@ -168,7 +167,7 @@ def _db_unavailable(request: Request, exception: Exception) -> HTTPResponse:
 
 
 def _db_operational(request: Request, exception: Exception) -> HTTPResponse:
-    """Tortoise wraps every driver error in ``OperationalError``: only a lost connection (its
+    """Tortoise wraps every driver error (``db.DB_WRAPPED_ERROR``): only a lost connection (its
     cause) is 503; a failing statement stays a 500, a bug to see."""
     cause = exception.__cause__
     if isinstance(cause, (OSError, TimeoutError, *db.DB_CONNECTION_ERRORS)):

@@ -25,22 +25,21 @@ from typing import Final
 
 from api.background import cancel
 from storage.cache import Ahead, Cache, RowState, UserSnapshot
-from storage.redis_client import UNAVAILABLE, AsyncRedis, ping
+from storage.redis_conn import REDIS_CONNECTION_ERRORS, AsyncClient, ping
 
 log = logging.getLogger(__name__)
 
-REDIS_UNAVAILABLE: Final = UNAVAILABLE
-"""What a Redis call raises when the server (a cluster's master) is down or unreachable, or
-a cluster's failover is under way: not a bug of ours."""
-REDIS_ERRORS: Final = tuple(e for e in UNAVAILABLE if e is not OSError)
-"""The same, without the bare ``OSError`` that PostgreSQL's driver may raise too."""
+REDIS_ERRORS: Final = REDIS_CONNECTION_ERRORS
+REDIS_UNAVAILABLE: Final = (*REDIS_ERRORS, OSError)
+"""What a Redis call raises when the server (a cluster's master) is down or unreachable, or a
+cluster's failover is under way: not a bug of ours."""
 REDIS_PROBE_S: Final = 0.5
 
 
 class RedisTrust:
     """Per process: is the cache bypassed, and the probe that ends the bypass."""
 
-    def __init__(self, client: AsyncRedis) -> None:
+    def __init__(self, client: AsyncClient) -> None:
         self.client = client
         self.down = False
         self.failures = 0

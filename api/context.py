@@ -17,7 +17,7 @@ from api.tokens import TokenValidator
 from sessiond.config import Settings
 from storage.activity import ActivityBuffer
 from storage.cache import Cache
-from storage.redis_client import AsyncRedis
+from storage.redis_conn import AsyncClient
 
 if TYPE_CHECKING:
     from api.grpc_authz import GrpcServer
@@ -27,7 +27,7 @@ class AppContext:
     """Built by ``create_app`` (settings, clock, tokens, metrics); the connection-backed members
     (``redis`` … ``access``) are set by the ``before_server_start`` listener of each worker."""
 
-    redis: AsyncRedis
+    redis: AsyncClient
     cache: Cache
     activity: ActivityBuffer
     recorder: Recorder

@@ -18,11 +18,11 @@ from urllib.parse import quote
 from api.access import AccessControl, Denied, Grant
 from api.tokens import TokenError
 from sessiond.errors import DependencyUnavailable
-from storage.redis_client import UNAVAILABLE as REDIS_UNAVAILABLE
+from storage.redis_conn import REDIS_CONNECTION_ERRORS
 
 IDENTITY_HEADERS: Final = ("X-User-Id", "X-User-Email", "X-Session-Id")
 WWW_AUTHENTICATE_BEARER: Final = 'Bearer error="invalid_token"'
-UNAVAILABLE: Final = (*REDIS_UNAVAILABLE, DependencyUnavailable)
+UNAVAILABLE: Final = (*REDIS_CONNECTION_ERRORS, DependencyUnavailable, OSError)
 """What ``decide`` raises when a dependency is down: 503 over HTTP, UNAVAILABLE over gRPC."""
 
 # Visible ASCII but "%" stays as is; everything else (space, "%", controls, non-ASCII) is

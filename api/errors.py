@@ -13,12 +13,12 @@ from sanic.response import json
 from api.access import Denied
 from api.tokens import TokenError
 from sessiond.errors import DependencyUnavailable
-from storage.redis_client import UNAVAILABLE as REDIS_UNAVAILABLE
+from storage.redis_conn import REDIS_CONNECTION_ERRORS
 
 log = logging.getLogger("api.errors")
 
 WWW_AUTHENTICATE: Final = {"WWW-Authenticate": 'Bearer error="invalid_token"'}
-_UNAVAILABLE: Final = (*REDIS_UNAVAILABLE, DependencyUnavailable)
+_UNAVAILABLE: Final = (*REDIS_CONNECTION_ERRORS, DependencyUnavailable, OSError)
 
 
 def invalid_token(reason: str) -> HTTPResponse:

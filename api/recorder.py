@@ -22,7 +22,7 @@ from sanic import Request
 
 from api.metrics import Counter
 from storage.activity import REFUSED_DECISION, AccessLog, ActivityBuffer, RefusedKey
-from storage.redis_client import AsyncRedis
+from storage.redis_conn import AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Recorder:
 
     def __init__(
         self,
-        client: AsyncRedis,
+        client: AsyncClient,
         activity: ActivityBuffer,
         *,
         access_log: AccessLog | None = None,

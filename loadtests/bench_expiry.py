@@ -27,7 +27,7 @@ from sessiond import stack
 from sessiond.config import Settings
 from storage import cache as cache_mod
 from storage import db as db_mod
-from storage import expiry, flush
+from storage import expiry, flush, redis_conn
 from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY, AccessLog, ActivityBuffer
 from storage.cache import UserSnapshot
 
@@ -134,7 +134,7 @@ async def run(args: argparse.Namespace, settings: Settings | None = None) -> dic
     await prepare(settings)
     pg = await asyncpg.connect(settings.database_url)
     await db_mod.open_db(settings)
-    cache = cache_mod.Cache(cache_mod.connect(settings), ttl_s=settings.cache_ttl_s)
+    cache = cache_mod.Cache(redis_conn.connect(settings), ttl_s=settings.cache_ttl_s)
     await cache.client.flushdb()
     buffer = ActivityBuffer(cache.client)
     out: dict[str, Any] = {

@@ -113,10 +113,11 @@ async def seed(settings: Any) -> None:
     from sessiond.events import Event
     from storage import cache as cache_mod
     from storage import db as db_mod
+    from storage import redis_conn
     from storage.state import apply_event, publish_snapshot
 
     await db_mod.open_db(settings)
-    cache = cache_mod.Cache(cache_mod.connect(settings), ttl_s=settings.cache_ttl_s)
+    cache = cache_mod.Cache(redis_conn.connect(settings), ttl_s=settings.cache_ttl_s)
     try:
         outcome = await apply_event(
             Event(kind="connected", user_id=USER, session_id="web", occurred_at=datetime.now(UTC))

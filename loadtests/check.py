@@ -26,11 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import redis.asyncio as aioredis
 
 from loadtests.harness import queue_depths
 from sessiond.config import Settings
 from sessiond.events import partition_queue
+from storage import redis_conn
 from storage.activity import REFUSED_KEY
 
 SAMPLE = 10
@@ -149,7 +149,7 @@ async def check(
     expected: dict[str, dict[str, Any]] = ledger["users"]
     report = Report(users=len(expected), confirmed_events=int(ledger["confirmed"]))
     pg = await asyncpg.connect(settings.database_url)
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_conn.connect(settings, decode_responses=True)
     try:
         report.drained_s = await wait_drained(
             settings, pg, prefix, report.confirmed_events, drain_timeout

@@ -23,11 +23,11 @@ from typing import IO, Any
 
 import asyncpg
 import pika
-import redis.asyncio as aioredis
 
 from sessiond import amqp, stack
 from sessiond.config import Settings
 from sessiond.events import partition_queue
+from storage import redis_conn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
@@ -109,7 +109,7 @@ async def reset(settings: Settings) -> None:
         await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
     finally:
         await conn.close()
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_conn.connect(settings)
     try:
         await client.flushdb()
     finally:

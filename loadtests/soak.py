@@ -334,7 +334,7 @@ async def final_flush(settings: Any) -> None:
     from storage import db as db_mod
     from storage import flush
     from storage.activity import AccessLog
-    from storage.cache import connect
+    from storage.redis_conn import connect
 
     await db_mod.open_db(settings)
     client = connect(settings)

@@ -35,6 +35,8 @@ def _out(text: str) -> None:
 def cmd_stack(args: argparse.Namespace) -> int:
     from sessiond import stack
 
+    if args.cluster:
+        return _cluster(args)
     cfg = stack.StackConfig.from_env()
     if args.action == "up":
         stack.up(cfg, install=not args.no_install)
@@ -48,6 +50,28 @@ def cmd_stack(args: argparse.Namespace) -> int:
         return 0 if all(states.values()) else 3
     elif args.action == "env":
         _out("\n".join(cfg.env_lines(test=args.test)))
+    return 0
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    from sessiond import stack
+    from sessiond.stack import cluster
+
+    cfg = cluster.ClusterConfig.from_env()
+    if args.action == "up":
+        if not args.no_install:
+            stack.ensure_packages()
+        cluster.up(cfg)
+        for line in cluster.env_lines(cfg, test=args.test):
+            log.info("stack env", extra={"line": line})
+    elif args.action == "down":
+        cluster.down(cfg)
+    elif args.action == "status":
+        servers = cluster.status(cfg)
+        _out(json.dumps({"root": str(cfg.root), "servers": servers}))
+        return 0 if all(s["running"] for s in servers.values()) else 3
+    elif args.action == "env":
+        _out("\n".join(cluster.env_lines(cfg, test=args.test)))
     return 0
 
 
@@ -280,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("action", choices=["up", "down", "status", "env"])
     st.add_argument("--test", action="store_true", help="the test vhost, database and Redis db")
     st.add_argument("--no-install", action="store_true", help="never call apt-get")
+    st.add_argument(
+        "--cluster",
+        action="store_true",
+        help="the local cluster: 3 RabbitMQ nodes, Redis Cluster, PostgreSQL primary + standby",
+    )
     st.set_defaults(func=cmd_stack)
 
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)

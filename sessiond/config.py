@@ -26,14 +26,19 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
 
     # Connections (CONTRACT §4). Defaults reach the local stack started by `sessiond stack up`.
+    # One URL, or several comma-separated ones (the nodes of a cluster, tried in turn on every
+    # connection: ``sessiond.amqp``).
     amqp_url: str = "amqp://sessiond:sessiond@127.0.0.1:5672/sessiond"
+    # ``quorum`` on a RabbitMQ cluster (replicated queues); an existing classic queue cannot be
+    # redeclared as quorum: docs/cluster.md says how to migrate.
+    queue_type: Literal["classic", "quorum"] = "classic"
     amqp_ca_file: str | None = None
     amqp_cert_file: str | None = None
     amqp_key_file: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_ca_file: str | None = None
     # A Redis Cluster (CONTRACT §10): ``redis_url`` lists its startup nodes
-    # (``storage.redis_client``).
+    # (``storage.redis_conn``).
     redis_cluster: bool = False
     database_url: str = "postgres://sessiond:sessiond@127.0.0.1:5432/sessiond"
     db_pool_min: int = Field(default=1, ge=1)
@@ -125,8 +130,11 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_scheme(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("amqp", "amqps"):
+        schemes = {urlsplit(u.strip()).scheme for u in value.split(",") if u.strip()}
+        if not schemes or not schemes <= {"amqp", "amqps"}:
             raise ValueError("SESSIOND_AMQP_URL must start with amqp:// or amqps://")
+        if len(schemes) > 1:
+            raise ValueError("SESSIOND_AMQP_URL: all node URLs amqp:// or all amqps://")
         return value
 
     @field_validator("database_url")
@@ -170,8 +178,13 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def amqp_urls(self) -> list[str]:
+        """The broker's nodes, in the order connections try them."""
+        return [u.strip() for u in self.amqp_url.split(",") if u.strip()]
+
+    @property
     def amqp_is_tls(self) -> bool:
-        return urlsplit(self.amqp_url).scheme == "amqps"
+        return urlsplit(self.amqp_urls[0]).scheme == "amqps"
 
     @property
     def keycloak_activity_types(self) -> list[str]:

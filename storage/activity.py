@@ -30,7 +30,7 @@ from typing import Any, Final, cast
 
 from sessiond.config import Settings
 from storage.keys import SINGLE, AccessShard
-from storage.redis_client import AsyncPipeline, AsyncRedis, layout, run_script
+from storage.redis_conn import AsyncClient, AsyncPipeline, layout, run_script
 
 # The single-Redis names (``storage.keys``); a cluster shards each of them.
 ACTIVITY_KEY = SINGLE.activity_keys[0]
@@ -118,7 +118,7 @@ def _now() -> float:
 class ActivityBuffer:
     """``activity`` hash: user id → epoch seconds of the newest granted request."""
 
-    def __init__(self, client: AsyncRedis) -> None:
+    def __init__(self, client: AsyncClient) -> None:
         self.client = client
         self.layout = layout(client)
         self._touch = client.register_script(_TOUCH)
@@ -170,7 +170,7 @@ class AccessLog:
 
     def __init__(
         self,
-        client: AsyncRedis,
+        client: AsyncClient,
         *,
         max_entries: int = 1_000_000,
         max_bytes: int = 256 * 2**20,
@@ -191,7 +191,7 @@ class AccessLog:
         self._tails: dict[tuple[str | None, str | None, str, str | None, str], str] = {}
 
     @classmethod
-    def configured(cls, client: AsyncRedis, settings: Settings) -> AccessLog:
+    def configured(cls, client: AsyncClient, settings: Settings) -> AccessLog:
         return cls(
             client,
             max_entries=settings.access_log_max_entries,

@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 
 from storage import blocking
 from storage.keys import SINGLE, KeyLayout
-from storage.redis_client import UNAVAILABLE, AsyncRedis, layout
+from storage.redis_conn import REDIS_CONNECTION_ERRORS, AsyncClient, layout
 from storage.rows import Outcome
 from storage.unit_of_work import unit_of_work
 
@@ -54,11 +54,22 @@ async def unblock_user(
         return out
 
 
-async def is_blocked(client: AsyncRedis, user_id: str) -> bool:
+async def is_blocked(client: AsyncClient, user_id: str) -> bool:
     return bool(await client.exists(blocked_key(user_id, layout(client))))
 
 
-async def mirror(client: AsyncRedis, outcome: Outcome) -> None:
+async def gone_reason(client: AsyncClient, user_id: str) -> str | None:
+    """On a cache miss, in one round trip: ``blocked`` or ``not_connected`` when the newest change
+    Redis saw disconnected the user (``gone:<id>``), told apart by ``blocked:<id>``; ``None`` when
+    the user is not gone (PostgreSQL decides). Both keys share the user's slot on a cluster."""
+    keys = layout(client)
+    gone, blocked = await client.mget([keys.gone(user_id), keys.blocked(user_id)])
+    if gone is None:
+        return None
+    return "blocked" if blocked is not None else "not_connected"
+
+
+async def mirror(client: AsyncClient, outcome: Outcome) -> None:
     """After the commit: the ``blocked:<id>`` key follows the user's committed block. Best
     effort: without it a blocked user is still refused, as ``not_connected``."""
     snap = outcome.snapshot
@@ -70,7 +81,7 @@ async def mirror(client: AsyncRedis, outcome: Outcome) -> None:
             await client.set(key, "1")
         else:
             await client.delete(key)
-    except UNAVAILABLE as exc:
+    except (*REDIS_CONNECTION_ERRORS, OSError) as exc:
         log.warning(
             "blocked mirror not written", extra={"user_id": outcome.user_id, "error": repr(exc)}
         )

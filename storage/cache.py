@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sessiond.config import Settings
-from storage import redis_client
+from storage import redis_conn
 from storage.keys import SINGLE, KeyLayout, user_key
-from storage.redis_client import AsyncRedis, by_slot, run_each, run_script
+from storage.redis_conn import AsyncClient, by_slot, mget, run_each, run_script
 
-__all__ = ["connect", "gone_key", "user_key", "version_key"]
+__all__ = ["gone_key", "user_key", "version_key"]
 
 
 def version_key(user_id: str, layout: KeyLayout = SINGLE) -> str:
@@ -246,18 +245,13 @@ class Ahead:
     cached: int
 
 
-def connect(settings: Settings) -> AsyncRedis:
-    """The API's and workers' client (``storage.redis_client.connect``)."""
-    return redis_client.connect(settings)
-
-
 class Cache:
     """Thin typed wrapper so callers never build keys or scripts themselves."""
 
-    def __init__(self, client: AsyncRedis, *, ttl_s: int) -> None:
+    def __init__(self, client: AsyncClient, *, ttl_s: int) -> None:
         self.client = client
         self.ttl_s = ttl_s
-        self.layout = redis_client.layout(client)
+        self.layout = redis_conn.layout(client)
         self._sync = client.register_script(_SYNC)
         self._evict_many = client.register_script(_EVICT_MANY)
         self._refill = client.register_script(_REFILL)
@@ -360,13 +354,19 @@ class Cache:
         """The newest change Redis saw disconnected the user (see ``gone_key``)."""
         return bool(await self.client.exists(self.layout.gone(user_id)))
 
+    async def raw_many(self, user_ids: Sequence[str]) -> list[bytes | None]:
+        """The cached ``user:<id>`` JSON of each user (``None``: a miss), in one ``MGET`` (one
+        per slot on a cluster); the hot path parses it itself, once per distinct entry."""
+        values = await mget(self.client, [user_key(user_id) for user_id in user_ids])
+        return [v.encode() if isinstance(v, str) else v for v in values]
+
     async def get(self, user_id: str) -> UserSnapshot | None:
         raw = await self.client.get(user_key(user_id))
         return UserSnapshot.from_json(raw) if raw else None
 
     async def ping(self) -> bool:
         try:
-            return await redis_client.ping(self.client)
+            return await redis_conn.ping(self.client)
         except Exception:
             return False
 

@@ -15,7 +15,7 @@ from tortoise.backends.base.client import BaseDBAsyncClient
 
 from sessiond.config import get_settings
 from sessiond.events import Event
-from storage import journal
+from storage import forced, journal
 from storage.cache import Cache
 from storage.rows import Limits, Outcome, batch_order, touched
 from storage.unit_of_work import unit_of_work
@@ -64,8 +64,8 @@ async def force_disconnect(
     """Ends all of a user's sessions as a ``disconnected`` event would (admin route, CLI)."""
     async with unit_of_work() as work:
         await work.load([user_id])
-        return work.force_disconnect(
-            user_id, at=at or datetime.now(UTC), reason=reason, source=source
+        return forced.force_disconnect(
+            work, user_id, at=at or datetime.now(UTC), reason=reason, source=source
         )
 
 
@@ -76,8 +76,8 @@ async def revoke_session(
     while another of their sessions is open. ``applied`` is False when it was not open."""
     async with unit_of_work() as work:
         await work.load([user_id])
-        return work.revoke_session(
-            user_id, session_id, at=at or datetime.now(UTC), reason=reason, source=source
+        return forced.revoke_session(
+            work, user_id, session_id, at=at or datetime.now(UTC), reason=reason, source=source
         )
 
 

@@ -10,7 +10,7 @@ import asyncpg
 from tortoise import Tortoise, connections
 from tortoise import context as tortoise_context
 from tortoise.backends.base.client import BaseDBAsyncClient
-from tortoise.exceptions import DBConnectionError
+from tortoise.exceptions import DBConnectionError, OperationalError
 
 from sessiond.config import Settings, get_settings
 
@@ -25,6 +25,10 @@ DB_CONNECTION_ERRORS: Final = (
 )
 """What PostgreSQL calls raise, besides ``OSError``, when the server is down or restarting: the
 one list the API's outage answers (503, gRPC UNAVAILABLE) are built from."""
+
+DB_WRAPPED_ERROR: Final = OperationalError
+"""What Tortoise wraps any driver error in, a lost connection as well as a failing statement:
+the cause (``__cause__``) tells them apart."""
 
 APP = "models"
 
@@ -59,32 +63,53 @@ def tls_context(query: dict[str, str]) -> ssl.SSLContext | bool | None:
     return ctx
 
 
+def hosts(netloc: str) -> tuple[list[str], list[int]]:
+    """The ``host:port`` list of a (possibly multi-host) URL's netloc, libpq's syntax:
+    ``h1:5432,h2:5433``, ``[::1]:5432``, a port defaulting to 5432."""
+    spec = netloc.rsplit("@", 1)[-1]
+    names: list[str] = []
+    ports: list[int] = []
+    for item in spec.split(","):
+        host, _, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+        if not host:  # no port given
+            host, port = item, ""
+        names.append(unquote(host.strip("[]")) or "127.0.0.1")
+        ports.append(int(port) if port else 5432)
+    return names, ports
+
+
 def _connection(settings: Settings) -> str | dict[str, Any]:
     """Pool bounds travel in the URL query because that is where Tortoise reads them; with TLS
-    parameters, a credentials dict carrying an ``ssl.SSLContext`` instead."""
+    parameters or several hosts (a primary and its standbys: ``storage.pg_engine``), a
+    credentials dict instead."""
     parts = urlsplit(settings.database_url)
     query = dict(parse_qsl(parts.query))
     query.setdefault("minsize", str(settings.db_pool_min))
     query.setdefault("maxsize", str(settings.db_pool_max))
     tls = {k: query.pop(k) for k in TLS_PARAMS if k in query}
-    if not tls:
+    multi = "," in parts.netloc.rsplit("@", 1)[-1]
+    if not tls and not multi:
         return urlunsplit(
             (parts.scheme, parts.netloc, parts.path, urlencode(query), parts.fragment)
         )
+    names, ports = hosts(parts.netloc)
     credentials: dict[str, Any] = {
-        "host": parts.hostname or "127.0.0.1",
-        "port": parts.port or 5432,
         "user": unquote(parts.username or ""),
         "password": unquote(parts.password or ""),
         "database": unquote(parts.path[1:]),
         **query,
     }
+    if multi:
+        credentials.update(hosts=names, ports=ports)
+    else:
+        credentials.update(host=names[0], port=ports[0])
     credentials["minsize"] = int(credentials["minsize"])
     credentials["maxsize"] = int(credentials["maxsize"])
     ssl_arg = tls_context(tls)
     if ssl_arg is not None:
         credentials["ssl"] = ssl_arg
-    return {"engine": "tortoise.backends.asyncpg", "credentials": credentials}
+    engine = "storage.pg_engine" if multi else "tortoise.backends.asyncpg"
+    return {"engine": engine, "credentials": credentials}
 
 
 def tortoise_config(settings: Settings) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """The expiry sweep: connected users silent for longer than the idle timeout are disconnected,
 and sessions past their absolute lifetime end.
 
-The sweep's SQL only selects candidates; the session rules (``storage.rules``: ``is_idle``,
-``past_lifetime``, ``State.expire_idle``, ``State.expire_lifetime``) decide on the locked rows
+The sweep's SQL only selects candidates; the session rules (``storage.forced``: ``is_idle``,
+``past_lifetime``, ``expire_idle``, ``expire_lifetime``) decide on the locked rows
 and the unit of work (``storage.unit_of_work``) writes what they changed, as for an event or an
 admin decision: one state machine, one writer of each row.
 
@@ -47,6 +47,7 @@ from typing import Any
 
 from tortoise.transactions import in_transaction
 
+from storage import forced
 from storage.activity import AccessLog, ActivityBuffer
 from storage.cache import Cache
 from storage.db import conn
@@ -222,8 +223,8 @@ async def _batch(
                 await asyncio.sleep(0)
             at = pending.get(uid)
             when = datetime.fromtimestamp(at, tz=UTC) if at is not None else None
-            ended = work.expire_idle(
-                uid, now=now, idle_timeout_s=idle_timeout_s, pending=when, commit=not dry_run
+            ended = forced.expire_idle(
+                work, uid, now=now, idle_timeout_s=idle_timeout_s, pending=when, commit=not dry_run
             )
             if ended is not None:
                 idle.append(uid)
@@ -297,7 +298,9 @@ async def _end_old_sessions(
         for n, uid in enumerate(held):
             if n % YIELD_EVERY == YIELD_EVERY - 1:
                 await asyncio.sleep(0)
-            ended[uid] = work.expire_lifetime(uid, now=now, session_max_s=max_s, commit=not dry_run)
+            ended[uid] = forced.expire_lifetime(
+                work, uid, now=now, session_max_s=max_s, commit=not dry_run
+            )
         touched = [uid for uid, sids in ended.items() if sids]
         if not dry_run:
             await work.save()

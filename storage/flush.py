@@ -46,7 +46,7 @@ from storage.activity import (
 from storage.cache import user_key
 from storage.db import conn
 from storage.journal import write_audit
-from storage.redis_client import AsyncRedis, by_slot, mget, run_each
+from storage.redis_conn import AsyncClient, by_slot, mget, run_each
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class FlushResult:
         return asdict(self)
 
 
-def activity_lock(client: AsyncRedis, *, wait_s: float = 0.0) -> Lock:
+def activity_lock(client: AsyncClient, *, wait_s: float = 0.0) -> Lock:
     """The lock shared by flushes and sweeps; its TTL frees it when a holder dies."""
     return client.lock(
         ACTIVITY_LOCK_KEY,
@@ -192,7 +192,7 @@ async def drain_activity(
                 break
 
 
-async def refresh_cache(client: AsyncRedis, entries: dict[str, datetime]) -> int:
+async def refresh_cache(client: AsyncClient, entries: dict[str, datetime]) -> int:
     """Moves ``seen_at``/``last_activity_at`` forward in the cached ``user:<id>`` snapshots.
 
     Activity is not a state change, so the version stays; each write is a compare-and-set on the
@@ -239,7 +239,7 @@ def _patched(raw: bytes, at: datetime) -> str | None:
     return json.dumps(data, separators=(",", ":")) if changed else None
 
 
-async def forget(client: AsyncRedis, flushed: dict[str, bytes], *, key: str) -> None:
+async def forget(client: AsyncClient, flushed: dict[str, bytes], *, key: str) -> None:
     """Deletes flushed entries of the hash ``key`` that still hold the flushed value (a newer
     request keeps its own)."""
     script = client.register_script(_FORGET)

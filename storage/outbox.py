@@ -102,16 +102,6 @@ async def mark_sent(db: BaseDBAsyncClient, ids: Sequence[int], *, at: datetime) 
         )
 
 
-async def purge_sent(db: BaseDBAsyncClient, *, before: datetime, limit: int = 10_000) -> int:
-    """Deletes published rows older than ``before`` (bounded, so one call stays short)."""
-    rows = await db.execute_query_dict(
-        "WITH old AS (SELECT id FROM outbox WHERE sent_at < $1 ORDER BY sent_at LIMIT $2)"
-        " DELETE FROM outbox o USING old WHERE o.id = old.id RETURNING o.id",
-        [before, limit],
-    )
-    return len(rows)
-
-
 async def pending_count(db: BaseDBAsyncClient) -> int:
     rows = await db.execute_query_dict("SELECT count(*) AS n FROM outbox WHERE sent_at IS NULL")
     return int(rows[0]["n"])

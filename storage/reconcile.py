@@ -61,7 +61,7 @@ from storage.cache import Ahead, Cache, RowState, user_key
 from storage.db import conn
 from storage.keys import SINGLE, key_slot
 from storage.models import CONNECTED
-from storage.redis_client import mget, scan
+from storage.redis_conn import mget, scan
 
 LOCK_KEY: Final = "sessiond:reconcile:lock"
 MARK_KEY: Final = SINGLE.reconcile_marks[0]

@@ -24,7 +24,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessiond.errors import SessiondError
-from storage.redis_client import AsyncRedis
+from storage.redis_conn import AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class UnsafeRedisPolicy(SessiondError):
     """The Redis server may evict keys that hold sessiond's state (see the module docstring)."""
 
 
-async def check_memory_policy(client: AsyncRedis) -> str | None:
+async def check_memory_policy(client: AsyncClient) -> str | None:
     """The server's policy when it may be read (``None``: CONFIG is not allowed, e.g. a managed
     Redis that renames it; then the operator's word stands, with a warning). Raises
     ``UnsafeRedisPolicy`` for any policy but ``noeviction``; on a cluster, of any master."""
@@ -48,7 +48,7 @@ async def check_memory_policy(client: AsyncRedis) -> str | None:
     return await _policy(client, None)
 
 
-async def _policy(client: AsyncRedis, node: ClusterNode | None) -> str | None:
+async def _policy(client: AsyncClient, node: ClusterNode | None) -> str | None:
     try:
         if isinstance(client, RedisCluster):
             reply = await client.config_get("maxmemory-policy", target_nodes=node)

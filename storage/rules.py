@@ -14,19 +14,19 @@ Ordering safety comes from the data, never from the queue (CONTRACT §1):
 - a ``disconnected`` for a session never seen leaves an ended row (a tombstone) behind, so the
   late ``connected`` it overtook is recognised as stale.
 
-Decisions that are not events (an admin, a limit, the clock) end sessions by force: whatever
-event order says, and their ordering fence moves to the newest of the two times. Limits: with
+Decisions that are not events end sessions by force: whatever event order says, and their
+ordering fence moves to the newest of the two times. A limit is decided here: with
 ``SESSIOND_MAX_SESSIONS_PER_USER``, a session that starts beyond the limit ends the user's oldest
-open sessions (reason ``session_limit``); an open session older than ``SESSIOND_SESSION_MAX_S``
-ends (``max_lifetime``); a connected user silent longer than the idle timeout ends
-(``idle_timeout``). Each change records its audit entries and lifecycle events out (CONTRACT §5,
-§7) in the ``Journal`` the caller writes in the same transaction.
+open sessions (reason ``session_limit``). An administrator's and the clock's decisions are
+``storage.forced``, blocks ``storage.blocking``; all of them work on this module's ``State``.
+Each change records its audit entries and lifecycle events out (CONTRACT §5, §7) in the
+``Journal`` the caller writes in the same transaction.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sessiond.events import Event
@@ -34,30 +34,7 @@ from storage import blocking, outbox
 from storage.cache import UserSnapshot
 from storage.journal import Journal
 from storage.models import CONNECTED, DISCONNECTED, ENDED
-from storage.rows import (
-    EXPIRED,
-    EXPIRY_SOURCE,
-    IDLE_REASON,
-    IMPLICIT,
-    LIFETIME_REASON,
-    NEW_ROW,
-    Limits,
-    Outcome,
-    Session,
-    to_snapshot,
-)
-
-
-def is_idle(user: dict[str, Any], *, cutoff: datetime, pending: datetime | None = None) -> bool:
-    """A connected user whose newest activity (in the row or still buffered) is before
-    ``cutoff``. A user never seen active is not idle: there is nothing to measure from."""
-    seen = [t for t in (user["seen_at"], pending) if t is not None]
-    return user["status"] == CONNECTED and bool(seen) and max(seen) < cutoff
-
-
-def past_lifetime(session: Session, *, cutoff: datetime) -> bool:
-    """An open session started before ``cutoff`` (``now - SESSIOND_SESSION_MAX_S``)."""
-    return session.status == CONNECTED and session.started_at < cutoff
+from storage.rows import IMPLICIT, NEW_ROW, Limits, Outcome, Session, to_snapshot
 
 
 class State:
@@ -301,87 +278,3 @@ class State:
         for user_id, i in last.items():
             outcomes[i].snapshot = self.snapshot(user_id)
         return [outcomes[i] for i in range(len(events))]
-
-    # -- decisions that are not events: an admin, the clock
-
-    def force_disconnect(self, user_id: str, *, at: datetime, reason: str, source: str) -> Outcome:
-        """Ends all of a user's sessions as a ``disconnected`` event at ``at`` would, whatever
-        newer events say; the user's logout fence moves to ``at``."""
-        out = Outcome(user_id=user_id, applied=True, reason="applied")
-        user = self.users[user_id]
-        if user["logged_out_at"] is None or at > user["logged_out_at"]:
-            user["logged_out_at"] = at
-        out.ended_sessions = self.end_sessions(
-            user_id, at=at, reason=reason, source=source, kind="forced_disconnect", force=True
-        )
-        self.settle(user_id, at, True, reason=reason)
-        out.snapshot = self.snapshot(user_id)
-        return out
-
-    def revoke_session(
-        self, user_id: str, session_id: str, *, at: datetime, reason: str, source: str
-    ) -> Outcome:
-        """Ends one session; the user stays connected while another is open. ``applied`` is
-        False when it was not open."""
-        out = Outcome(user_id=user_id, applied=False, reason="not_open")
-        out.ended_sessions = self.end_sessions(
-            user_id, at=at, reason=reason, source=source, session_ids=[session_id],
-            kind="forced_disconnect", force=True,
-        )  # fmt: skip
-        if out.ended_sessions:
-            out.applied, out.reason = True, "applied"
-        self.settle(user_id, at, out.applied, reason=reason)
-        out.snapshot = self.snapshot(user_id)
-        return out
-
-    def expire_idle(
-        self,
-        user_id: str,
-        *,
-        now: datetime,
-        idle_timeout_s: int,
-        pending: datetime | None = None,
-        commit: bool = True,
-    ) -> list[str] | None:
-        """Ends every session of a user idle at ``now`` (``is_idle``); ``None`` when the user is
-        not idle. One ``expired`` entry per ended session, one for the user when none was open.
-        ``commit=False`` only decides (a dry run)."""
-        user = self.users[user_id]
-        cutoff = now - timedelta(seconds=idle_timeout_s)
-        if not is_idle(user, cutoff=cutoff, pending=pending):
-            return None
-        if not commit:
-            return [s.session_id for s in self.open_sessions(user_id)]
-        detail = {"seen_at": _iso(user["seen_at"]), "idle_timeout_s": idle_timeout_s}
-        ended = self.end_sessions(
-            user_id, at=now, reason=IDLE_REASON, source=EXPIRY_SOURCE, kind=EXPIRED,
-            force=True, detail=lambda _s: detail,
-        )  # fmt: skip
-        if not ended:
-            self.journal.record_audit(
-                kind=EXPIRED, source=EXPIRY_SOURCE, user_id=user_id, reason=IDLE_REASON,
-                occurred_at=now, detail=detail,
-            )  # fmt: skip
-        self.settle(user_id, now, True, reason=IDLE_REASON)
-        return ended
-
-    def expire_lifetime(
-        self, user_id: str, *, now: datetime, session_max_s: int, commit: bool = True
-    ) -> list[str]:
-        """Ends the user's open sessions past their absolute lifetime (``past_lifetime``); the
-        user stays connected while a younger one is open. ``commit=False`` only decides."""
-        cutoff = now - timedelta(seconds=session_max_s)
-        old = [s.session_id for s in self.open_sessions(user_id) if past_lifetime(s, cutoff=cutoff)]
-        if not old or not commit:
-            return old
-        ended = self.end_sessions(
-            user_id, at=now, reason=LIFETIME_REASON, source=EXPIRY_SOURCE, session_ids=old,
-            kind=EXPIRED, force=True,
-            detail=lambda s: {"started_at": _iso(s.started_at), "session_max_s": session_max_s},
-        )  # fmt: skip
-        self.settle(user_id, now, True, reason=LIFETIME_REASON)
-        return ended
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None

@@ -1,7 +1,8 @@
 """Session state, by its public names: the one import path the actors, the API and the tests use.
 
 The work is split along its seams:
-- ``storage.rules``: the session rules as pure code over locked rows (the one state machine);
+- ``storage.rules``: the session rules as pure code over locked rows (the one state machine),
+  with ``storage.forced`` (an administrator's and the clock's decisions) and ``storage.blocking``;
 - ``storage.rows``: the rows and outcomes they work on;
 - ``storage.unit_of_work``: load and lock the rows, save what the rules changed;
 - ``storage.commands``: the changes (events, admin decisions), one transaction each;

@@ -21,13 +21,15 @@ from typing import Any
 import asyncpg
 import pika
 import pytest
-import redis.asyncio as aioredis
 
 from sessiond import amqp, stack
 from sessiond.config import Settings, get_settings
+from sessiond.stack import cluster
+from sessiond.stack.cluster_config import ClusterConfig
 from storage import cache as cache_mod
 from storage import db as db_mod
-from storage.redis_client import AsyncRedis
+from storage import redis_conn
+from storage.redis_conn import AsyncClient
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("audit_events", "outbox", "processed_events", "sessions", "users")
@@ -61,7 +63,7 @@ async def async_wait_until(
 
 
 async def cache_entry_when(
-    redis: AsyncRedis, user_id: str, predicate: Callable[[dict[str, Any] | None], bool]
+    redis: AsyncClient, user_id: str, predicate: Callable[[dict[str, Any] | None], bool]
 ) -> dict[str, Any] | None:
     """The worker syncs Redis just after its PostgreSQL commit, so a test that has seen the
     commit waits for the cache to follow instead of racing it; returns the entry once
@@ -81,6 +83,20 @@ def stack_config() -> stack.StackConfig:
     cfg = stack.StackConfig.from_env()
     stack.up(cfg, install=False)
     return cfg
+
+
+@pytest.fixture(scope="session")
+def local_cluster() -> Iterator[ClusterConfig]:
+    """The local cluster (CONTRACT §10) started for the tests that ask for it, and stopped at the
+    end of the session unless it was already running (someone's ``stack up --cluster``)."""
+    cfg = ClusterConfig.from_env()
+    was_up = all(s["running"] for s in cluster.status(cfg).values())
+    cluster.up(cfg)
+    try:
+        yield cfg
+    finally:
+        if not was_up:
+            cluster.down(cfg)
 
 
 def isolated(cfg: stack.StackConfig) -> dict[str, str]:
@@ -188,9 +204,9 @@ async def orm_pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+async def redis(settings: Settings) -> AsyncIterator[AsyncClient]:
     """A decoding client on the emptied test Redis db, for checking what the processes wrote."""
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_conn.connect(settings, decode_responses=True)
     await client.flushdb()
     try:
         yield client
@@ -212,7 +228,7 @@ def events_out(settings: Settings) -> Iterator[Any]:
 
 @pytest.fixture
 async def cache(settings: Settings) -> AsyncIterator[cache_mod.Cache]:
-    c = cache_mod.Cache(cache_mod.connect(settings), ttl_s=settings.cache_ttl_s)
+    c = cache_mod.Cache(redis_conn.connect(settings), ttl_s=settings.cache_ttl_s)
     await c.client.flushdb()
     try:
         yield c

@@ -18,18 +18,12 @@ from sanic.response import json
 from sanic_ext import openapi
 
 from api.context import Req
-from storage import block
-from storage.db import conn
+from storage import block, queries
 from storage.state import Outcome, find_session_owners, force_disconnect, revoke_session
 
 bp = Blueprint("admin", url_prefix="/admin")
 ROUTE: Final = "/admin"
 ROLE: Final = "admin"
-USER_FIELDS: Final = (
-    "id, name, email, status, connected_at, disconnected_at, last_activity_at, seen_at, version,"
-    " blocked_at, blocked_reason"
-)
-SESSION_FIELDS: Final = "session_id, status, started_at, ended_at, end_reason, ip_address"
 STATUSES: Final = frozenset({"connected", "disconnected"})
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
@@ -59,12 +53,10 @@ def _id(value: str, name: str) -> str:
 
 
 async def _load_user(user_id: str) -> dict[str, Any]:
-    rows = await conn().execute_query_dict(
-        f"SELECT {USER_FIELDS} FROM users WHERE id = $1", [user_id]
-    )
-    if not rows:
+    row = await queries.user_row(user_id)
+    if row is None:
         raise NotFound("no such user")
-    return rows[0]
+    return row
 
 
 @bp.get("/users/<user_id:str>", name="user")
@@ -73,10 +65,7 @@ async def _load_user(user_id: str) -> dict[str, Any]:
 async def get_user(request: Req, user_id: str) -> HTTPResponse:
     await _guard(request)
     user = await _load_user(_id(user_id, "user_id"))
-    sessions = await conn().execute_query_dict(
-        f"SELECT {SESSION_FIELDS} FROM sessions WHERE user_id = $1 ORDER BY started_at, id",
-        [user_id],
-    )
+    sessions = await queries.user_sessions(user_id)
     return json({"user": _user(user), "sessions": [_plain(s) for s in sessions]})
 
 
@@ -100,14 +89,7 @@ async def list_users(request: Req) -> HTTPResponse:
     cursor = request.args.get("cursor") or None
     if cursor is not None:
         _id(cursor, "cursor")
-    rows = await conn().execute_query_dict(
-        f"SELECT {USER_FIELDS} FROM users"
-        " WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR id > $2)"
-        " ORDER BY id LIMIT $3",
-        [status, cursor, limit + 1],
-    )
-    page = rows[:limit]
-    next_cursor = page[-1]["id"] if len(rows) > limit else None
+    page, next_cursor = await queries.users_page(status, cursor, limit)
     return json({"users": [_user(r) for r in page], "next_cursor": next_cursor})
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from loadtests.bench.base import BenchBase
 from storage import cache as cache_mod
+from storage import redis_conn
 
 
 class RedisMemory(BenchBase):
@@ -16,7 +17,7 @@ class RedisMemory(BenchBase):
         n = self.args.cache_users
 
         async def measure() -> dict[str, Any]:
-            client = cache_mod.connect(self.settings)
+            client = redis_conn.connect(self.settings)
             cache = cache_mod.Cache(client, ttl_s=self.settings.cache_ttl_s)
             try:
                 await client.flushdb()

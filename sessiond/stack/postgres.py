@@ -57,7 +57,7 @@ def home(cfg: StackConfig) -> Path:
     return cfg.home(SERVER)
 
 
-def _choose_home(cfg: StackConfig, user: str | None) -> Path:
+def choose_home(cfg: StackConfig, user: str | None) -> Path:
     """Decides once, on the first ``up``, and records the decision."""
     record = cfg.root / "postgres.location"
     if record.exists():
@@ -99,7 +99,7 @@ def psql(cfg: StackConfig, sql: str) -> str:
 
 def start(cfg: StackConfig) -> None:
     user = pg_user()
-    base = _choose_home(cfg, user)
+    base = choose_home(cfg, user)
     data, sock, logf = base / "postgres", base / "pgsock", base / "postgres.log"
     bin_ = pg_bin()
     if not (data / "PG_VERSION").exists():

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from sessiond.config import Settings
 from storage import cache as cache_mod
+from storage import redis_conn
 from storage.cache import RowState, UserSnapshot, gone_key, user_key, version_key
 
 pytestmark = pytest.mark.integration
@@ -31,7 +32,7 @@ versions = st.none() | st.integers(min_value=0, max_value=6)
 async def settle_one(
     settings_: Settings, version: int | None, entry: bool, gone: bool, row: RowState
 ) -> None:
-    cache = cache_mod.Cache(cache_mod.connect(settings_), ttl_s=60)
+    cache = cache_mod.Cache(redis_conn.connect(settings_), ttl_s=60)
     uid = row.user_id
     client = cache.client
     try:

@@ -19,6 +19,7 @@ from sessiond.config import Settings
 from sessiond.stack import redis_cluster
 from sessiond.stack.cluster_config import ClusterConfig
 from storage import cache as cache_mod
+from storage import redis_conn
 from storage.activity import AccessLog, ActivityBuffer
 from storage.keys import CLUSTER, key_slot
 from tests.api.conftest import Api, mint, start_api, stop_api
@@ -37,7 +38,7 @@ async def cluster_settings(
     url = ",".join(f"redis://{h}:{p}" for h, p in redis_cluster_nodes)
     settings = migrated.model_copy(update={"redis_cluster": True, "redis_url": url})
     await truncate(settings)
-    client = cache_mod.connect(settings)
+    client = redis_conn.connect(settings)
     assert isinstance(client, RedisCluster)
     await client.flushall(target_nodes=RedisCluster.PRIMARIES)
     await client.aclose()
@@ -46,7 +47,9 @@ async def cluster_settings(
 
 @pytest.fixture
 async def cluster_api(cluster_settings: Settings) -> AsyncIterator[Api]:
-    cache = cache_mod.Cache(cache_mod.connect(cluster_settings), ttl_s=cluster_settings.cache_ttl_s)
+    cache = cache_mod.Cache(
+        redis_conn.connect(cluster_settings), ttl_s=cluster_settings.cache_ttl_s
+    )
     api = await start_api(cluster_settings, cache)
     try:
         yield api

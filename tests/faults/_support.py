@@ -23,11 +23,11 @@ from typing import Any
 
 import asyncpg
 import pika
-import redis.asyncio as aioredis
 
 from sessiond import amqp
 from sessiond.config import Settings
 from sessiond.events import dedup_key_for
+from storage import redis_conn
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "results" / "faults"
@@ -200,7 +200,7 @@ async def cache_errors(settings: Settings, stream: Stream, *, strict: bool = Tru
     """Where Redis disagrees with the events. ``strict``: every connected user is cached.
     Otherwise (after Redis lost its data) a missing key is fine: the API refills it from
     PostgreSQL; a key that is present must still be right, and no ended user may be cached."""
-    client = aioredis.Redis.from_url(settings.redis_url, decode_responses=True)
+    client = redis_conn.connect(settings, decode_responses=True)
     try:
         errors = []
         for uid, status in stream.expected.items():

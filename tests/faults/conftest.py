@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
 import pytest
-import redis.asyncio as aioredis
 
 from sessiond import stack
 from sessiond.config import Settings
+from storage import redis_conn
 from tests.conftest import Amqp, all_queues
 
 
@@ -37,7 +37,7 @@ async def clean(
         amqp_client.purge(*all_queues(settings))
     finally:
         amqp_client.close()
-    client = aioredis.Redis.from_url(settings.redis_url)
+    client = redis_conn.connect(settings)
     try:
         await client.flushdb()
     finally:

@@ -122,6 +122,7 @@ def measure_abuse(flooders: int = 4, n: int = 2000) -> dict[str, Any]:
     from sessiond.events import Event
     from storage import cache as cache_mod
     from storage import db as db_mod
+    from storage import redis_conn
     from storage.state import apply_event, publish_snapshot
     from tests.api.conftest import free_port
     from tests.conftest import isolated
@@ -135,7 +136,7 @@ def measure_abuse(flooders: int = 4, n: int = 2000) -> dict[str, Any]:
 
     async def seed() -> None:
         await db_mod.open_db(settings)
-        cache = cache_mod.Cache(cache_mod.connect(settings), ttl_s=3600)
+        cache = cache_mod.Cache(redis_conn.connect(settings), ttl_s=3600)
         try:
             outcome = await apply_event(
                 Event(kind="connected", user_id="abuse-good", occurred_at=_now())

@@ -17,6 +17,7 @@ from sessiond import stack
 from sessiond.config import Settings
 from sessiond.events import Event
 from storage import cache as cache_mod
+from storage import redis_conn
 from storage.state import apply_event, publish_snapshot
 from tests.api.conftest import Api, FakeClock, mint, start_api, stop_api
 from tests.faults._support import Figure
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture
 async def api(clean: Settings, servers_back: stack.StackConfig) -> AsyncIterator[Api]:
     """An in-process API on the emptied stack; its own Redis client, closed even if Redis died."""
-    cache = cache_mod.Cache(cache_mod.connect(clean), ttl_s=clean.cache_ttl_s)
+    cache = cache_mod.Cache(redis_conn.connect(clean), ttl_s=clean.cache_ttl_s)
     served = await start_api(clean, cache, FakeClock())
     try:
         yield served

@@ -103,7 +103,7 @@ def _publish_high_water(settings: Settings, stamp: datetime) -> None:
     conn = pika.BlockingConnection(amqp.connection_parameters(settings))
     try:
         ch = conn.channel()
-        topology.declare_stamp_queue(ch, settings.ingest_queue)
+        topology.declare_stamp_queue(ch, settings, settings.ingest_queue)
         ch.queue_purge(topology.stamp_queue(settings.ingest_queue))
         topology.write_high_water(ch, settings.ingest_queue, stamp)
     finally:

@@ -15,9 +15,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from actors.jobs import EXPIRE, FLUSH
-from actors.scheduler import Job, Ticker, claim_tick, tick_key
+from actors.scheduler import Job, Ticker
 from actors.topology import JOBS_QUEUE
 from sessiond.config import Settings
+from storage import redis_conn
+from storage.redis_conn import SyncClient
+from storage.ticks import claim_tick, tick_key
 from tests.conftest import Amqp, Process, wait_until
 
 pytestmark = pytest.mark.integration
@@ -35,8 +38,8 @@ class FakeBroker:
 
 
 @pytest.fixture
-def sync_redis(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
+def sync_redis(settings: Settings) -> Iterator[SyncClient]:
+    client = redis_conn.connect_sync(settings)
     client.flushdb()
     try:
         yield client
@@ -77,7 +80,7 @@ def test_a_replica_dying_mid_tick_does_not_block_the_next_tick(sync_redis: redis
     # Given a replica that claimed tick k and died before enqueueing
     job = Job(EXPIRE, 60.0)
     now = 1_800_000_010.0
-    dead = claim_tick(sync_redis, job, now, "dead")
+    dead = claim_tick(sync_redis, job.actor_name, job.period_s, now, "dead")
     assert dead is not None
     broker = FakeBroker()
     survivor = Ticker(broker, sync_redis, owner="alive", clock=Clock(now + 1))  # type: ignore[arg-type]

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 
 from loadtests import check
 from loadtests.harness import ROOT
 from sessiond.config import Settings
+from storage import redis_conn
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -54,7 +54,7 @@ def test_locust_smoke_run_matches_the_published_state(
     # When one connected user's cache entry disappears behind the system's back
     ledger = json.loads((tmp_path / "smoke_ledger.json").read_text())
     victim = next(uid for uid, u in ledger["users"].items() if u["sessions"] and not u["uncertain"])
-    redis.Redis.from_url(migrated.redis_url).delete(f"user:{victim}")
+    redis_conn.connect_sync(migrated).delete(f"user:{victim}")
     # Then the check reports exactly that
     report = asyncio.run(check.check(migrated, ledger, drain_timeout=10, journal=False))
     assert not report.ok

@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-import redis
 
 from sessiond import stack
 from sessiond.config import Settings
-from storage import db
+from storage import db, redis_conn
 from tests.model.checker import PgUser
 from tests.model.client import Http
 from tests.model.nemesis import Service
@@ -129,7 +128,7 @@ class System:
             jwt_secret=JWT_SECRET,
         )
         asyncio.run(self._reset_db())
-        redis.Redis.from_url(self.settings.redis_url).flushdb()
+        redis_conn.connect_sync(self.settings).flushdb()
         asyncio.run(db.migrate(self.settings))
         return self.settings
 

@@ -79,7 +79,7 @@ def test_postgres_stays_in_a_reachable_stack_directory(tmp_path: Path) -> None:
     try:
         reachable.mkdir(mode=0o755)
         cfg = stack.StackConfig(root=reachable)
-        assert postgres._choose_home(cfg, postgres.pg_user()) == reachable
+        assert postgres.choose_home(cfg, postgres.pg_user()) == reachable
         assert not (reachable / "postgres.location").exists()
     finally:
         shutil.rmtree(reachable, ignore_errors=True)

@@ -17,8 +17,8 @@ import redis.exceptions
 
 from sessiond import stack
 from sessiond.config import Settings
-from storage import cache as cache_mod
 from storage import db as db_mod
+from storage import redis_conn
 from tests.api.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,7 @@ def redis_settings(settings: Settings, url: str, ca: Path | None) -> Settings:
 
 
 async def ping(settings: Settings) -> None:
-    client = cache_mod.connect(settings)
+    client = redis_conn.connect(settings)
     try:
         assert await client.ping()
     finally:

@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from sessiond.events import Event
-from storage import blocking, rules
+from storage import blocking, forced, rules
 from storage.models import CONNECTED, DISCONNECTED
 from storage.rows import Limits, Outcome, Session, batch_order
 
@@ -91,13 +91,15 @@ class Memory:
 
     def force_disconnect(self, user_id: str, *, at: datetime) -> Outcome:
         state = self.load([user_id])
-        out = state.force_disconnect(user_id, at=at, reason="admin", source="admin")
+        out = forced.force_disconnect(state, user_id, at=at, reason="admin", source="admin")
         self.save(state)
         return out
 
     def revoke_session(self, user_id: str, session_id: str, *, at: datetime) -> Outcome:
         state = self.load([user_id])
-        out = state.revoke_session(user_id, session_id, at=at, reason="admin", source="admin")
+        out = forced.revoke_session(
+            state, user_id, session_id, at=at, reason="admin", source="admin"
+        )
         self.save(state)
         return out
 
@@ -119,10 +121,10 @@ class Memory:
         """``storage.expiry.sweep`` in memory, every user a candidate (no activity buffer)."""
         state = self.load(list(self.users), create=False)
         for uid in sorted(state.users):
-            state.expire_idle(uid, now=now, idle_timeout_s=idle_timeout_s)
+            forced.expire_idle(state, uid, now=now, idle_timeout_s=idle_timeout_s)
         if session_max_s:
             for uid in sorted(state.users):
-                state.expire_lifetime(uid, now=now, session_max_s=session_max_s)
+                forced.expire_lifetime(state, uid, now=now, session_max_s=session_max_s)
         self.save(state)
 
     def open_sessions(self) -> set[tuple[str, str]]:

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from redis.crc import key_slot as redis_key_slot
 
 from storage.keys import CLUSTER, SHARDS, SINGLE, SLOTS, key_slot, shard_tags, user_key
-from storage.redis_client import startup_nodes
+from storage.redis_conn import startup_nodes
 
 # Braces are what could break a hash tag: generate plenty of them.
 user_ids = st.text(alphabet=st.sampled_from("ab1:{}-_é"), min_size=1, max_size=40)

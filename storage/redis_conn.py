@@ -1,24 +1,29 @@
-"""The one place Redis clients are built, for a single Redis or a Redis Cluster (CONTRACT §4, §10).
+"""The one place that builds Redis clients, for the asyncio processes (API, workers' jobs) and the
+threaded scheduler alike, for a single Redis or a Redis Cluster (CONTRACT §4, §10), so a change
+of deployment (TLS, timeouts, a cluster) is made once.
+
+Both clients share one set of options: a 2 s socket and connect timeout (a Redis that stops
+answering must fail a request or a tick, not hang it) and, for ``rediss://`` URLs, the CA file
+``SESSIOND_REDIS_CA_FILE`` to verify the server against.
 
 ``SESSIOND_REDIS_URL`` names one server, or with ``SESSIOND_REDIS_CLUSTER=true`` the startup
 nodes of a cluster: one or several comma-separated ``redis://host:port`` (or ``rediss://``)
-URLs, or ``host:port`` items after the first URL (they take its scheme and credentials). The
-client learns the whole cluster from whichever node answers first.
-
-On a cluster a command goes to the master of its keys' slot; after a master dies, the client
-retries (``CLUSTER_RETRIES``, with backoff) and reloads the slot map, so once a replica has taken
-over the same calls reach it. What fails meanwhile raises one of ``UNAVAILABLE``, which callers
-handle like a Redis that is down (the API decides from PostgreSQL, workers retry).
+URLs, or ``host:port`` items after the first URL. The client learns the whole cluster from
+whichever node answers first. On a cluster a command goes to the master of its keys' slot; after
+a master dies, the client retries (``CLUSTER_RETRIES``, with backoff) and reloads the slot map,
+so once a replica has taken over the same calls reach it. What fails meanwhile raises one of
+``REDIS_CONNECTION_ERRORS``, handled like a Redis that is down (the API decides from PostgreSQL,
+workers retry).
 
 Also here, the few operations whose form differs between the two kinds: scripts on a pipeline,
-reads of many users' keys, and SCAN (every master of a cluster).
+reads of many users' keys, SCAN (every master of a cluster) and PING (every master).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import Any, Final, TypeVar, cast
+from typing import Any, Final, TypeAlias, TypeVar, cast
 from urllib.parse import urlsplit
 
 import redis
@@ -28,11 +33,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.commands.core import AsyncScript
-from redis.exceptions import (
-    ClusterError,
-    SlotNotCoveredError,
-    TryAgainError,
-)
+from redis.exceptions import ClusterError, SlotNotCoveredError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
@@ -40,19 +41,22 @@ from redis.retry import Retry
 from sessiond.config import Settings
 from storage.keys import CLUSTER, SINGLE, KeyLayout, key_slot
 
-AsyncRedis = aioredis.Redis | RedisCluster
-SyncRedis = redis.Redis | sync_cluster.RedisCluster
-AsyncPipeline = Pipeline | ClusterPipeline
+AsyncClient: TypeAlias = aioredis.Redis | RedisCluster
+SyncClient: TypeAlias = redis.Redis | sync_cluster.RedisCluster
+"""What ``connect`` and ``connect_sync`` return: callers outside ``storage`` name these, never the
+driver's classes."""
+AsyncPipeline: TypeAlias = Pipeline | ClusterPipeline
 
-UNAVAILABLE: Final = (
+REDIS_CONNECTION_ERRORS: Final = (
     RedisConnectionError,
     RedisTimeoutError,
-    ClusterError,  # CLUSTERDOWN, MASTERDOWN: a failover under way
+    ClusterError,  # CLUSTERDOWN, MASTERDOWN: a cluster's failover under way
     TryAgainError,
     SlotNotCoveredError,
-    OSError,
 )
-"""What a Redis call raises when the server (or a cluster's master) is down or unreachable."""
+"""What Redis calls raise when the server (a cluster's master) is down, restarting, failing over
+or too slow: the one list the API's outage handling (bypass Redis, 503, gRPC UNAVAILABLE) is
+built from, as ``storage.db.DB_CONNECTION_ERRORS`` is for PostgreSQL."""
 
 CLUSTER_RETRIES: Final = 6
 """Retries of a cluster command, backoff 0.1…1 s: long enough to ride out a slot map change,
@@ -73,48 +77,50 @@ def startup_nodes(url: str) -> list[tuple[str, int]]:
     return nodes
 
 
-def _options(settings: Settings) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+def _options(settings: Settings, decode_responses: bool) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "socket_timeout": 2.0,
+        "socket_connect_timeout": 2.0,
+        "decode_responses": decode_responses,
+    }
     if settings.redis_url.startswith("rediss://") and settings.redis_ca_file:
         kwargs["ssl_ca_certs"] = settings.redis_ca_file
     return kwargs
-
-
-def _first_url(settings: Settings) -> str:
-    return settings.redis_url.split(",", 1)[0].strip()
 
 
 def _retry() -> Retry:
     return Retry(ExponentialWithJitterBackoff(base=0.1, cap=1.0), CLUSTER_RETRIES)
 
 
-def connect(settings: Settings) -> AsyncRedis:
-    """A pooled asyncio client; ``rediss://`` verifies the server against
-    ``SESSIOND_REDIS_CA_FILE``."""
+def connect(settings: Settings, *, decode_responses: bool = False) -> AsyncClient:
+    """A pooled asyncio client; ``decode_responses`` answers ``str`` instead of ``bytes``."""
+    options = _options(settings, decode_responses)
     if not settings.redis_cluster:
-        return aioredis.Redis.from_url(settings.redis_url, **_options(settings))
+        return aioredis.Redis.from_url(settings.redis_url, **options)
+    first = settings.redis_url.split(",", 1)[0].strip()
+    client = RedisCluster.from_url(first, **options, retry=_retry())
     nodes = [ClusterNode(h, p) for h, p in startup_nodes(settings.redis_url)]
-    client = RedisCluster.from_url(_first_url(settings), **_options(settings), retry=_retry())
     client.nodes_manager.startup_nodes.update({n.name: n for n in nodes})
     return client
 
 
-def connect_sync(settings: Settings) -> SyncRedis:
-    """The blocking client (the scheduler's threads)."""
+def connect_sync(settings: Settings, *, decode_responses: bool = False) -> SyncClient:
+    """A pooled blocking client, for the scheduler's threads."""
+    options = _options(settings, decode_responses)
     if not settings.redis_cluster:
-        return redis.Redis.from_url(settings.redis_url, **_options(settings))
+        return redis.Redis.from_url(settings.redis_url, **options)
     nodes = [
         sync_cluster.ClusterNode(h, p)  # type: ignore[no-untyped-call]
         for h, p in startup_nodes(settings.redis_url)
     ]
-    return sync_cluster.RedisCluster(startup_nodes=nodes, retry=_retry(), **_options(settings))
+    return sync_cluster.RedisCluster(startup_nodes=nodes, retry=_retry(), **options)
 
 
-def is_cluster(client: AsyncRedis | AsyncPipeline) -> bool:
+def is_cluster(client: AsyncClient | AsyncPipeline) -> bool:
     return isinstance(client, RedisCluster | ClusterPipeline)
 
 
-def layout(client: AsyncRedis | AsyncPipeline) -> KeyLayout:
+def layout(client: AsyncClient | AsyncPipeline) -> KeyLayout:
     """The key names for this client's kind of Redis (``storage.keys``)."""
     return CLUSTER if is_cluster(client) else SINGLE
 
@@ -131,14 +137,14 @@ async def run_script(
         await script(keys=keys, args=args, client=pipe)
 
 
-async def mget(client: AsyncRedis, keys: Sequence[str]) -> list[Any]:
+async def mget(client: AsyncClient, keys: Sequence[str]) -> list[Any]:
     """``MGET`` of keys of any slots (on a cluster split per slot, answers in the keys' order)."""
     if isinstance(client, RedisCluster):
         return list(await client.mget_nonatomic(list(keys)))
     return list(await client.mget(list(keys)))
 
 
-def by_slot(client: AsyncRedis, items: Iterable[T], key: Callable[[T], str]) -> list[list[T]]:
+def by_slot(client: AsyncClient, items: Iterable[T], key: Callable[[T], str]) -> list[list[T]]:
     """``items`` grouped so that each group's keys share a slot (one group on a single Redis),
     for scripts that take many users' keys at once."""
     everything = list(items)
@@ -150,7 +156,7 @@ def by_slot(client: AsyncRedis, items: Iterable[T], key: Callable[[T], str]) -> 
     return list(groups.values())
 
 
-async def scan(client: AsyncRedis, pattern: str, count: int) -> AsyncIterator[list[str]]:
+async def scan(client: AsyncClient, pattern: str, count: int) -> AsyncIterator[list[str]]:
     """Pages of the keys matching ``pattern``: on a cluster, every master's keys."""
     if isinstance(client, RedisCluster):
         for node in client.get_primaries():
@@ -175,7 +181,7 @@ async def scan(client: AsyncRedis, pattern: str, count: int) -> AsyncIterator[li
 
 
 async def run_each(
-    client: AsyncRedis, script: AsyncScript, calls: Sequence[tuple[list[Any], list[Any]]]
+    client: AsyncClient, script: AsyncScript, calls: Sequence[tuple[list[Any], list[Any]]]
 ) -> list[Any]:
     """Runs ``script`` once per ``(keys, args)``: one after the other on a single Redis (each
     call is already a batch), on one pipeline on a cluster (many small per-slot batches, one
@@ -190,7 +196,7 @@ async def run_each(
         return list(await pipe.execute())
 
 
-async def ping(client: AsyncRedis) -> bool:
+async def ping(client: AsyncClient) -> bool:
     """Whether Redis answers; on a cluster, every master (a dead replica does not count: the
     data is served by the masters)."""
     if isinstance(client, RedisCluster):
