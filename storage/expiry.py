@@ -46,7 +46,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from storage import forced
-from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
+from storage.activity import AccessLog, ActivityBuffer
 from storage.cache import Cache
 from storage.db import conn, transaction
 from storage.flush import (
@@ -116,8 +116,14 @@ class SweepResult:
 
 async def _pending(buffer: ActivityBuffer, user_ids: Sequence[str]) -> dict[str, float]:
     """Buffered activity (epoch seconds) of these users, from the live hash."""
-    values = await buffer.client.hmget(ACTIVITY_KEY, list(user_ids))
-    return {uid: float(raw) for uid, raw in zip(user_ids, values, strict=True) if raw is not None}
+    by_key: dict[str, list[str]] = {}
+    for uid in user_ids:  # one HMGET per shard
+        by_key.setdefault(buffer.layout.activity_key(uid), []).append(uid)
+    out: dict[str, float] = {}
+    for key, uids in by_key.items():
+        values = await buffer.client.hmget(key, uids)
+        out |= {uid: float(raw) for uid, raw in zip(uids, values, strict=True) if raw is not None}
+    return out
 
 
 async def _evict(cache: Cache, rows: Sequence[dict[str, Any]]) -> int:
