@@ -28,7 +28,7 @@ from sessiond.config import Settings
 from storage import cache as cache_mod
 from storage import db as db_mod
 from storage import expiry, flush, redis_conn
-from storage.activity import ACCESS_LOG_KEY, AccessLog, ActivityBuffer, activity_key
+from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY, AccessLog, ActivityBuffer
 from storage.cache import UserSnapshot
 
 BENCH_DB = "sessiond_bench"
@@ -179,7 +179,7 @@ async def run(args: argparse.Namespace, settings: Settings | None = None) -> dic
         at = NOW.timestamp() + 1
         for start in range(0, len(ids), 10_000):
             await cache.client.hset(
-                activity_key("user"), mapping={uid: at for uid in ids[start : start + 10_000]}
+                ACTIVITY_KEY, mapping={uid: at for uid in ids[start : start + 10_000]}
             )
         fl = await flush.flush_activity(buffer)
         assert fl.users_updated == len(ids), fl

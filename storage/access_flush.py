@@ -111,17 +111,23 @@ async def drain_access_log(
     closed = await access_log.closed_refused(time.time() if now is None else now)
     for start in range(0, len(closed), batch_size):
         part = closed[start : start + batch_size]
-        await write_audit(db, [refused_row(key, n) for _, key, n in part])
-        await access_log.ack_refused([(field, n) for field, _, n in part])
-        result.refused_rows += len(part)
-        result.refused_count += sum(n for _, _, n in part)
+        counts: dict[RefusedKey, int] = {}
+        for _, _, key, n in part:  # one row per key, whichever shards counted it
+            counts[key] = counts.get(key, 0) + n
+        await write_audit(db, [refused_row(key, n) for key, n in counts.items()])
+        await access_log.ack_refused([(hash_key, field, n) for hash_key, field, _, n in part])
+        result.refused_rows += len(counts)
+        result.refused_count += sum(counts.values())
     overflow = await access_log.overflow()
     if overflow:
+        dropped: dict[str, int] = {}
+        for _, buffer, n in overflow:
+            dropped[buffer] = dropped.get(buffer, 0) + n
         rows: list[AuditRow] = [
             (None, None, None, OVERFLOW_KIND, "cap", "api", json.dumps({"dropped": n, "buffer": b}))
-            for b, n in sorted(overflow.items())
+            for b, n in sorted(dropped.items())
         ]
         await write_audit(db, rows)
         await access_log.ack_overflow(overflow)
-        result.overflow_count += sum(overflow.values())
-        log.warning("access log over its cap: entries counted, not stored", extra=overflow)
+        result.overflow_count += sum(dropped.values())
+        log.warning("access log over its cap: entries counted, not stored", extra=dropped)

@@ -50,13 +50,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tortoise.transactions import in_transaction
-
 from sessiond.config import IdleScope
 from storage import forced, sweeping
 from storage.activity import AccessLog, ActivityBuffer
 from storage.cache import Cache
-from storage.db import conn
+from storage.db import conn, transaction
 from storage.flush import (
     LOCK_TTL_S,
     activity_lock,
@@ -65,6 +63,7 @@ from storage.flush import (
     write_activity,
 )
 from storage.journal import Journal
+from storage.keys import session_field
 from storage.models import CONNECTED
 from storage.rows import EXPIRED as KIND
 from storage.rows import EXPIRY_SOURCE as SOURCE
@@ -106,16 +105,29 @@ LIMIT $4
 
 async def _pending(buffer: ActivityBuffer, user_ids: Sequence[str]) -> dict[str, float]:
     """Buffered activity (epoch seconds) of these users, from the live hash."""
-    return await buffer.pending_users(user_ids)
+    by_key: dict[str, list[str]] = {}
+    for uid in user_ids:  # one HMGET per shard
+        by_key.setdefault(buffer.layout.activity_key(uid), []).append(uid)
+    out: dict[str, float] = {}
+    for key, uids in by_key.items():
+        values = await buffer.client.hmget(key, uids)
+        out |= {uid: float(raw) for uid, raw in zip(uids, values, strict=True) if raw is not None}
+    return out
 
 
 async def _pending_sessions(
     buffer: ActivityBuffer, pairs: Sequence[tuple[str, str]]
 ) -> dict[str, dict[str, datetime]]:
     """Buffered activity of these (user, session) pairs, by user then session id."""
+    by_key: dict[str, list[tuple[str, str]]] = {}
+    for pair in pairs:  # one HMGET per shard
+        by_key.setdefault(buffer.layout.session_activity_key(pair[0]), []).append(pair)
     out: dict[str, dict[str, datetime]] = {}
-    for (uid, sid), at in (await buffer.pending_sessions(pairs)).items():
-        out.setdefault(uid, {})[sid] = datetime.fromtimestamp(at, tz=UTC)
+    for key, group in by_key.items():
+        values = await buffer.client.hmget(key, [session_field(u, s) for u, s in group])
+        for (uid, sid), raw in zip(group, values, strict=True):
+            if raw is not None:
+                out.setdefault(uid, {})[sid] = datetime.fromtimestamp(float(raw), tz=UTC)
     return out
 
 
@@ -192,7 +204,7 @@ async def _batch(
     params = [CONNECTED, cutoff, last[0], last[1], batch_size]
     idle: list[str] = []
     active: dict[str, float] = {}
-    async with in_transaction() as tx:
+    async with transaction() as tx:
         rows = await tx.execute_query_dict(_CANDIDATES, params)
         if not rows:
             return True, last
@@ -249,7 +261,7 @@ async def _session_batch(
     keyset position)."""
     params = [CONNECTED, cutoff, last[0], last[1], batch_size]
     touched: list[str] = []
-    async with in_transaction() as tx:
+    async with transaction() as tx:
         rows = await tx.execute_query_dict(_SESSION_CANDIDATES, params)
         if not rows:
             return True, last
@@ -321,7 +333,7 @@ async def _end_old_sessions(
     result: SweepResult, ids: list[str], *, now: datetime, max_s: int, dry_run: bool
 ) -> list[dict[str, Any]]:
     """One transaction: lock the users, let the rules end their old sessions, save."""
-    async with in_transaction() as tx:
+    async with transaction() as tx:
         work = UnitOfWork(tx, Journal())
         held = await work.load(ids, create=False, lock=sweeping.lock_mode(dry_run))
         ended: dict[str, list[str]] = {}

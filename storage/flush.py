@@ -1,6 +1,7 @@
 """The activity flush: what the API buffered in Redis reaches PostgreSQL in set-based batches.
 
-Activity (``ActivityBuffer``: a hash of the newest request time per user, one per session):
+Activity (``ActivityBuffer``: a hash of the newest request time per user, one per session;
+each sharded on a cluster, every shard in turn):
 - one ``UPDATE … FROM unnest(…)`` per page of a hash moves the times forward: the users'
   ``last_activity_at`` and ``seen_at``, the open sessions' ``last_seen_at``. A timestamp never
   goes backwards and a replayed page is a no-op. Each hash keeps one entry per user or session,
@@ -29,21 +30,16 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from storage.access_flush import drain_access_log
-from storage.activity import (
-    AccessLog,
-    ActivityBuffer,
-    Level,
-    activity_key,
-    parse_session_field,
-)
+from storage.activity import AccessLog, ActivityBuffer
 from storage.cache import user_key
 from storage.db import conn
+from storage.keys import parse_session_field
+from storage.redis_conn import AsyncClient, by_slot, mget, run_each
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +132,7 @@ class FlushResult:
         return asdict(self)
 
 
-def activity_lock(client: aioredis.Redis, *, wait_s: float = 0.0) -> Lock:
+def activity_lock(client: AsyncClient, *, wait_s: float = 0.0) -> Lock:
     """The lock shared by flushes and sweeps; its TTL frees it when a holder dies."""
     return client.lock(
         ACTIVITY_LOCK_KEY,
@@ -205,17 +201,18 @@ async def drain_activity(
     buffer: ActivityBuffer, db: BaseDBAsyncClient, result: FlushResult, *, batch_size: int
 ) -> None:
     """Moves buffered activity into ``users``, ``sessions`` and the cached snapshots, page by
-    page of each hash (users first, then sessions).
+    page of each hash (every shard's users, then every shard's sessions).
 
     Entries stay in the live hashes until both are done, and are then deleted only if no newer
     request replaced them meanwhile. At every instant a request's time is in a live hash, or in
     PostgreSQL and the cache, so neither the API's idle check nor the sweep can miss it.
     """
-    for level in ("user", "session"):
-        async for raw in _pages(buffer.client, level, batch_size):
+    levels = [(key, True) for key in buffer.keys] + [(key, False) for key in buffer.session_keys]
+    for key, of_users in levels:
+        async for raw in _pages(buffer.client, key, batch_size):
             times = {k: datetime.fromtimestamp(float(v), tz=UTC) for k, v in raw.items()}
             patches: dict[str, Patch] = {}
-            if level == "user":
+            if of_users:
                 updated, batches = await write_activity(
                     db, list(times.items()), batch_size=batch_size
                 )
@@ -232,17 +229,15 @@ async def drain_activity(
                 result.session_entries += len(times)
                 result.sessions_updated += updated
             result.cache_refreshed += await refresh_cache(buffer.client, patches)
-            await forget(buffer.client, level, raw)
+            await forget(buffer.client, raw, key=key)
             result.batches += batches
 
 
-async def _pages(
-    client: aioredis.Redis, level: Level, batch_size: int
-) -> AsyncIterator[dict[str, bytes]]:
-    """One level's hash, a page (``HSCAN``) at a time: field → raw value."""
+async def _pages(client: AsyncClient, key: str, batch_size: int) -> AsyncIterator[dict[str, bytes]]:
+    """One hash, a page (``HSCAN``) at a time: field → raw value."""
     cursor = 0
     while True:
-        cursor, reply = await client.hscan(activity_key(level), cursor, count=batch_size)
+        cursor, reply = await client.hscan(key, cursor, count=batch_size)
         page = cast(dict[bytes, bytes], reply)  # the client does not decode responses
         if page:
             yield {k.decode(): v for k, v in page.items()}
@@ -250,7 +245,7 @@ async def _pages(
             return
 
 
-async def refresh_cache(client: aioredis.Redis, patches: dict[str, Patch]) -> int:
+async def refresh_cache(client: AsyncClient, patches: dict[str, Patch]) -> int:
     """Moves ``seen_at``/``last_activity_at`` and the sessions' ``session_seen`` forward in the
     cached ``user:<id>`` snapshots.
 
@@ -263,19 +258,19 @@ async def refresh_cache(client: aioredis.Redis, patches: dict[str, Patch]) -> in
     for _ in range(CAS_ATTEMPTS):
         if not todo:
             break
-        keys: list[str] = []
-        args: list[bytes | str] = []
-        values = cast(list[bytes | None], await client.mget([user_key(u) for u in todo]))
+        values = cast(list[bytes | None], await mget(client, [user_key(u) for u in todo]))
+        writes: list[tuple[str, bytes, str]] = []
         for uid, raw in zip(todo, values, strict=True):
             patched = _patched(raw, patches[uid]) if raw is not None else None
             if raw is not None and patched is not None:
-                keys.append(user_key(uid))
-                args += [raw, patched]
+                writes.append((user_key(uid), raw, patched))
+        calls: list[tuple[list[Any], list[Any]]] = []
+        for group in by_slot(client, writes, lambda write: write[0]):  # one slot per call
+            for chunk in chunks(group, CACHE_CHUNK):
+                calls.append(([k for k, _, _ in chunk], [v for _, r, p in chunk for v in (r, p)]))
         missed: list[str] = []
-        for start in range(0, len(keys), CACHE_CHUNK):
-            chunk = keys[start : start + CACHE_CHUNK]
-            failed = await script(keys=chunk, args=args[2 * start : 2 * (start + len(chunk))])
-            refreshed += len(chunk) - len(failed)
+        for (keys, _), failed in zip(calls, await run_each(client, script, calls), strict=True):
+            refreshed += len(keys) - len(failed)
             missed += [k.decode().removeprefix("user:") for k in failed]
         todo = missed
     return refreshed
@@ -305,15 +300,16 @@ def _patched(raw: bytes, patch: Patch) -> str | None:
     return json.dumps(data, separators=(",", ":")) if changed else None
 
 
-async def forget(client: aioredis.Redis, level: Level, flushed: dict[str, bytes]) -> None:
-    """Deletes flushed entries that still hold the flushed value (a newer request keeps its own)."""
+async def forget(client: AsyncClient, flushed: dict[str, bytes], *, key: str) -> None:
+    """Deletes flushed entries of the hash ``key`` that still hold the flushed value (a newer
+    request keeps its own)."""
     script = client.register_script(_FORGET)
     items = list(flushed.items())
     for start in range(0, len(items), CACHE_CHUNK):
         args: list[bytes | str] = []
-        for key, value in items[start : start + CACHE_CHUNK]:
-            args += [key, value]
-        await script(keys=[activity_key(level)], args=args)
+        for uid, value in items[start : start + CACHE_CHUNK]:
+            args += [uid, value]
+        await script(keys=[key], args=args)
 
 
 async def flush_pending(

@@ -13,6 +13,7 @@ from typing import Any
 
 from loadtests import harness
 from loadtests.bench import __doc__ as BENCH_DOC
+from loadtests.bench import stage_cluster
 from loadtests.bench.report import machine, render, table
 from loadtests.bench.stage_activity import ActivityWrites
 from loadtests.bench.stage_auth import AuthCheck
@@ -49,6 +50,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expiry-pending", type=int, default=100_000)
     p.add_argument("--only", default="1,2,3,4,5", help="stages to run (3 needs 2)")
     p.add_argument("--quick", action="store_true", help="small sizes, to check the bench itself")
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="events/s and /auth/check req/s, single-node stack vs local cluster",
+    )
     p.add_argument("--profile", action="store_true", help="py-spy the API (1) and workers (2)")
     p.add_argument("--profile-s", type=float, default=20)
     p.add_argument("--json-out", type=Path, default=harness.RESULTS / "bench.json")
@@ -63,6 +69,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.cluster:
+        return cluster_main(args)
     stages = {s.strip() for s in args.only.split(",") if s.strip()}
     harness.RESULTS.mkdir(exist_ok=True)
     bench = Bench(args)
@@ -113,6 +121,23 @@ def main(argv: list[str] | None = None) -> int:
     say(out["table"])
     say(f"\ntotal {out['total_s']} s; load average {out['load_average']}")
     print(json.dumps(out))
+    return 0
+
+
+def cluster_main(args: argparse.Namespace) -> int:
+    harness.RESULTS.mkdir(exist_ok=True)
+    started = time.monotonic()
+    res = stage_cluster.compare(args)
+    res["date"] = datetime.now(UTC).isoformat(timespec="seconds")
+    res["machine"] = machine()
+    res["settings"] = {k: v for k, v in vars(args).items() if k != "json_out"}
+    res["total_s"] = round(time.monotonic() - started, 1)
+    res["table"] = stage_cluster.render(res)
+    (harness.RESULTS / "bench_cluster.json").write_text(json.dumps(res, indent=2))
+    say("")
+    say(res["table"])
+    say(f"\ntotal {res['total_s']} s")
+    print(json.dumps(res))
     return 0
 
 

@@ -19,9 +19,10 @@ class BenchBase:
     """The system under test (API and workers of one private namespace) and the helpers the
     stages share; each stage is a mixin below, ``Bench`` joins them."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, env: dict[str, str] | None = None) -> None:
         self.args = args
-        self.env = harness.private_env(args.name, args.redis_db)
+        # ``env``: another system under test (the local cluster: ``stage_cluster``)
+        self.env = env if env is not None else harness.private_env(args.name, args.redis_db)
         self.settings = harness.settings_from(self.env)
         self.loop = Loop()
         self.logs = harness.RESULTS / "bench_logs"

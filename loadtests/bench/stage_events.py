@@ -83,7 +83,7 @@ class Events(BenchBase):
         settings = self.settings
         with harness.amqp_channel(settings) as ch:
             ch.queue_delete(queue)
-            ch.queue_declare(queue, durable=True)
+            amqp.declare_queue(ch, settings, queue)  # the type sessiond's queues have
         n = len(bodies)
         done = threading.Event()
         ready = threading.Event()

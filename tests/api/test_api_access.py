@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from storage.activity import ACCESS_LOG_KEY, REFUSED_KEY, activity_key, session_field
+from storage.activity import ACCESS_LOG_KEY, ACTIVITY_KEY, REFUSED_KEY, SESSION_ACTIVITY_KEY
 from storage.cache import user_key
+from storage.keys import session_field
 from tests.api.conftest import Api, mint
 
 pytestmark = pytest.mark.integration
@@ -82,8 +83,8 @@ async def test_idle_beyond_timeout_is_refused(api: Api) -> None:
     await api.event("connected", "10")
     assert (await api.get("/auth/check", token=mint("10"))).status == 200
     await api.app.ctx.recorder.flush()
-    await api.cache.client.hdel(activity_key("user"), "10")  # as if nothing was pending
-    await api.cache.client.hdel(activity_key("session"), session_field("10", ""))
+    await api.cache.client.hdel(ACTIVITY_KEY, "10")  # as if nothing was pending
+    await api.cache.client.hdel(SESSION_ACTIVITY_KEY, session_field("10", ""))
     api.clock.advance(api.settings.idle_timeout_s + 5)
     # When they call again, before any expiry sweep ran
     reply = await api.get("/auth/check", token=mint("10"))
@@ -97,7 +98,7 @@ async def test_pending_activity_keeps_the_user_alive(api: Api) -> None:
     api.clock.advance(api.settings.idle_timeout_s - 10)
     assert (await api.get("/auth/check", token=mint("11"))).status == 200
     await api.app.ctx.recorder.flush()
-    assert await api.cache.client.hget(activity_key("user"), "11") is not None
+    assert await api.cache.client.hget(ACTIVITY_KEY, "11") is not None
     # When time moves on by less than the timeout since that activity
     api.clock.advance(60)
     # Then the user is still active (cache says idle, the activity buffer says not)
@@ -110,7 +111,7 @@ async def test_grants_record_activity_and_every_decision_is_journaled(api: Api) 
     await api.get("/auth/check", token=mint("12", sid="gone"))
     await api.get("/auth/check", token="garbage")
     await api.app.ctx.recorder.flush()
-    raw = await api.cache.client.hget(activity_key("user"), "12")
+    raw = await api.cache.client.hget(ACTIVITY_KEY, "12")
     assert raw is not None
     seen = float(raw)
     assert abs(seen - api.clock()) < 5

@@ -7,12 +7,19 @@ nor another checkout's cluster.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
+import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
-from sessiond.stack import redis_cluster
+from sessiond.config import Settings
+from sessiond.stack import cluster, redis_cluster
 from sessiond.stack.cluster_config import ClusterConfig
+from storage import db as db_mod
+from tests.conftest import Amqp, all_queues, truncate
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +38,65 @@ def redis_cluster_nodes(cluster_config: ClusterConfig) -> Iterator[list[tuple[st
     finally:
         if not was_up:
             redis_cluster.down(cluster_config)
+
+
+# The RabbitMQ and PostgreSQL settings that reach the cluster. Redis stays the single-node
+# stack's test db here, so that a RabbitMQ or PostgreSQL fault is all these tests measure (the
+# Redis Cluster has its own tests).
+CLUSTER_KEYS = (
+    "SESSIOND_AMQP_URL",
+    "SESSIOND_AMQP_CA_FILE",
+    "SESSIOND_QUEUE_TYPE",
+    "SESSIOND_DATABASE_URL",
+)
+
+
+@pytest.fixture(scope="session")
+def cluster_env(local_cluster: ClusterConfig, test_env: dict[str, str]) -> dict[str, str]:
+    """What a sessiond process needs (on top of ``test_env``) to run on the cluster."""
+    env = cluster.env_dict(local_cluster, test=True)
+    return {k: env[k] for k in CLUSTER_KEYS}
+
+
+def settings_for(env: dict[str, str]) -> Settings:
+    fields: dict[str, Any] = {k.removeprefix("SESSIOND_").lower(): v for k, v in env.items()}
+    return Settings(**fields)
+
+
+@pytest.fixture(scope="session")
+def cluster_migrated(cluster_env: dict[str, str]) -> Settings:
+    """The cluster's test database rebuilt from the migrations, once per session."""
+    settings = settings_for(cluster_env)
+
+    async def rebuild() -> None:
+        conn = await asyncpg.connect(settings.database_url)
+        try:
+            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
+        finally:
+            await conn.close()
+        await db_mod.migrate(settings)
+
+    asyncio.run(rebuild())
+    return settings
+
+
+@pytest.fixture
+async def cluster_clean(
+    cluster_migrated: Settings, local_cluster: ClusterConfig
+) -> AsyncIterator[Settings]:
+    """The cluster whole (a previous fault test's dead node restarted, a failed-over
+    PostgreSQL pair rebuilt), empty tables, queues and Redis db; the settings reaching it."""
+    cluster.up(local_cluster)
+    settings = cluster_migrated
+    await truncate(settings)
+    client = Amqp(settings)
+    try:
+        client.purge(*all_queues(settings))
+    finally:
+        client.close()
+    redis = aioredis.Redis.from_url(settings.redis_url)
+    try:
+        await redis.flushdb()
+    finally:
+        await redis.aclose()
+    yield settings

@@ -13,7 +13,7 @@ import pytest
 from sessiond.config import Settings
 from storage import cache as cache_mod
 from storage import flush
-from storage.activity import AccessLog, ActivityBuffer, activity_key
+from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
 from tests.jobs.conftest import NOW, connect_user, user_row
 
 pytestmark = pytest.mark.integration
@@ -138,7 +138,7 @@ async def test_flush_racing_with_new_activity_loses_nothing_and_never_goes_back(
         got = rows[uid]["last_activity_at"]
         assert abs((got - expected).total_seconds()) < 1e-5, (uid, got, expected)
         assert rows[uid]["seen_at"] == got
-    assert await cache.client.exists(activity_key("user")) == 0
+    assert await cache.client.exists(ACTIVITY_KEY) == 0
 
 
 async def test_the_cached_snapshot_gets_the_activity_without_a_new_version(
@@ -207,7 +207,7 @@ async def test_a_crash_after_the_commit_replays_harmlessly(
     await connect_user(cache, "u1", NOW - timedelta(minutes=10))
     await buffer.touch("u1", at=(NOW - timedelta(seconds=5)).timestamp())
 
-    async def crash(*args: object) -> None:
+    async def crash(*args: object, **kwargs: object) -> None:
         raise ConnectionError("redis went away")
 
     monkeypatch.setattr(flush, "forget", crash)

@@ -21,7 +21,8 @@ import redis.asyncio as aioredis
 from actors import deadletter
 from sessiond import amqp
 from sessiond.config import Settings
-from storage.activity import activity_key, session_field
+from storage.activity import ACTIVITY_KEY, SESSION_ACTIVITY_KEY
+from storage.keys import session_field
 from tests.api.conftest import Api, ApiFactory, api_factory, mint
 from tests.conftest import Amqp, Process, async_wait_until, wait_until
 from tests.keycloak import admin_shapes as kc
@@ -281,13 +282,13 @@ async def test_refresh_token_counts_as_activity(
     plugin: Plugin, api: Api, pg: asyncpg.Connection, redis: aioredis.Redis
 ) -> None:
     user, s1, _ = await login_two(plugin, api, pg)
-    await redis.hdel(activity_key("user"), user)
-    await redis.hdel(activity_key("session"), session_field(user, s1))
+    await redis.hdel(ACTIVITY_KEY, user)
+    await redis.hdel(SESSION_ACTIVITY_KEY, session_field(user, s1))
     plugin.client("REFRESH_TOKEN", user, s1)
 
     async def touched() -> bool:  # the user's activity, and that of the refreshed session
-        return bool(await redis.hget(activity_key("user"), user)) and bool(
-            await redis.hget(activity_key("session"), session_field(user, s1))
+        return bool(await redis.hget(ACTIVITY_KEY, user)) and bool(
+            await redis.hget(SESSION_ACTIVITY_KEY, session_field(user, s1))
         )
 
     await async_wait_until(touched)
