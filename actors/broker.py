@@ -10,26 +10,26 @@ from collections.abc import Callable
 from typing import Any
 
 import pika.exceptions
-from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL, RabbitmqBroker
+from dramatiq.brokers.rabbitmq import DEAD_MESSAGE_TTL
 from dramatiq.common import xq_name
 from dramatiq.middleware import (
-    AgeLimit,
     Callbacks,
     CurrentMessage,
     Pipelines,
-    Retries,
     ShutdownNotifications,
     TimeLimit,
 )
 
+from actors.consumer import ChannelBoundBroker
 from actors.ingress import IngressMiddleware
+from actors.retry import AgeLimit, BudgetRetries
 from actors.runtime import Runtime, StorageMiddleware
 from actors.sources import Source
 from sessiond import amqp
 from sessiond.config import Settings
 
 
-class Broker(RabbitmqBroker):
+class Broker(ChannelBoundBroker):
     """Dramatiq's RabbitMQ broker with sessiond's queue type: the partition, jobs, delay (``.DQ``)
     and dead-letter (``.XQ``) queues Dramatiq declares get ``amqp.queue_arguments`` like every
     queue sessiond declares itself. Dramatiq's own arguments (dead-lettering, the ``.XQ`` TTL)
@@ -68,11 +68,7 @@ def build_broker(
         ShutdownNotifications(),
         Callbacks(),
         Pipelines(),
-        Retries(
-            max_retries=settings.retry_max + 1,
-            min_backoff=settings.retry_min_backoff_ms,
-            max_backoff=settings.retry_max_backoff_ms,
-        ),
+        BudgetRetries(settings),  # the retry rule and what happens past it: actors.retry
         CurrentMessage(),
         StorageMiddleware(runtime),
         IngressMiddleware(settings, sources),

@@ -20,10 +20,12 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
+import dramatiq
 import pika
 
+from actors import messages
 from sessiond import amqp
 from sessiond.config import Settings
 from sessiond.stamps import parse_stamp
@@ -34,6 +36,9 @@ HEADER = "x-sessiond-"
 RECEIVED_AT = f"{HEADER}received-at"
 STAMPED_AT = f"{HEADER}stamped-at"
 REPLAYED = f"{HEADER}replayed"
+ACTOR = f"{HEADER}actor"
+"""Set on a letter whose body is a Dramatiq message (a job, the journal): ``replay`` puts it back
+on its queue, where the event letters go back through their exchange and decoder."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,13 +55,16 @@ class DeadLetter:
     body: bytes
     received_at: str = ""
     stamped_at: str = ""
+    actor: str = ""
 
     def to_json(self) -> dict[str, Any]:
         try:
             body: Any = json.loads(self.body)
         except ValueError:
             body = self.body.decode("utf-8", "replace")
+        actor = {"actor": self.actor} if self.actor else {}
         return {
+            **actor,
             "reason": self.reason,
             "detail": self.detail,
             "failed_at": self.failed_at,
@@ -81,8 +89,9 @@ def properties(
     content_type: str | None = None,
     received_at: str | None = None,
     stamped_at: str | None = None,
+    actor: str | None = None,
 ) -> pika.BasicProperties:
-    stamps = {RECEIVED_AT: received_at, STAMPED_AT: stamped_at or received_at}
+    stamps = {RECEIVED_AT: received_at, STAMPED_AT: stamped_at or received_at, ACTOR: actor}
     return pika.BasicProperties(
         delivery_mode=2,
         content_type=content_type,
@@ -90,7 +99,7 @@ def properties(
         headers={
             **{k: v for k, v in stamps.items() if v},
             f"{HEADER}reason": reason,
-            f"{HEADER}detail": detail[:1000],
+            f"{HEADER}detail": detail[: messages.DETAIL_MAX],
             f"{HEADER}failed-at": datetime.now(UTC).isoformat(),
             f"{HEADER}source-queue": source_queue,
             f"{HEADER}exchange": exchange,
@@ -100,9 +109,54 @@ def properties(
     )
 
 
-def publish(channel: Any, settings: Settings, body: bytes, props: pika.BasicProperties) -> None:
+def bury(
+    channel: Any,
+    settings: Settings,
+    body: bytes,
+    props: pika.BasicProperties,
+    journal: dramatiq.Message[Any] | None,
+) -> None:
+    """The one way into the dead-letter queue: the letter, then the message that journals it
+    (``None``: the letter is that journal's own, which must not journal itself again), on the
+    caller's channel (the ingress's transaction, or the broker's channel in a worker)."""
+    amqp.declare_dead_letters(channel, settings)
     channel.basic_publish(
         exchange="", routing_key=settings.dead_letter_queue, body=body, properties=props
+    )
+    if journal is not None:
+        messages.publish(channel, journal)
+
+
+_RETRY_OPTIONS: Final = frozenset({"retries", "traceback", "requeue_timestamp", "eta"})
+
+
+def bury_message(channel: Any, settings: Settings, message: Any, reason: str, detail: str) -> None:
+    """A Dramatiq message past its retry budget (``actors.retry``), whole: replayed, it is a fresh
+    message with a full budget on the queue it came from."""
+    options = {k: v for k, v in message.options.items() if k not in _RETRY_OPTIONS}
+    fresh: dramatiq.Message[Any] = dramatiq.Message(
+        queue_name=message.queue_name,
+        actor_name=message.actor_name,
+        args=tuple(message.args),
+        kwargs=dict(message.kwargs),
+        options=options,
+    )
+    props = properties(
+        reason=reason,
+        detail=detail,
+        source_queue=message.queue_name,
+        exchange="",
+        routing_key=message.queue_name,
+        attempts=int(message.options.get("retries", 0)) + 1,
+        content_type="application/json",
+        actor=message.actor_name,
+    )
+    own = message.actor_name == messages.RECORD_DEAD_LETTER
+    journal = None if own else messages.dead_letter_journal(reason, detail, message.queue_name)
+    bury(channel, settings, fresh.encode(), props, journal)
+    log.error(
+        "message dead-lettered",
+        extra={"actor": message.actor_name, "reason": reason, "detail": detail[:300]},
     )
 
 
@@ -114,17 +168,19 @@ def _text(value: Any) -> str:
 
 def _from_message(props: pika.BasicProperties, body: bytes, settings: Settings) -> DeadLetter:
     h = props.headers or {}
+    actor = _text(h.get(ACTOR))
     return DeadLetter(
         reason=_text(h.get(f"{HEADER}reason")) or "unknown",
         detail=_text(h.get(f"{HEADER}detail")),
         failed_at=_text(h.get(f"{HEADER}failed-at")),
         source_queue=_text(h.get(f"{HEADER}source-queue")),
-        exchange=_text(h.get(f"{HEADER}exchange")) or settings.events_exchange,
+        exchange="" if actor else _text(h.get(f"{HEADER}exchange")) or settings.events_exchange,
         routing_key=_text(h.get(f"{HEADER}routing-key")),
         attempts=int(h.get(f"{HEADER}attempts") or 0),
         body=body,
         received_at=_text(h.get(RECEIVED_AT)),
         stamped_at=_text(h.get(STAMPED_AT)),
+        actor=actor,
     )
 
 
@@ -191,6 +247,7 @@ def replay(settings: Settings, *, limit: int | None = None, reason: str | None =
             letter = _from_message(props, body, settings)
             if reason is not None and letter.reason != reason:
                 continue  # left unacked: back in the queue when the channel closes
+            # An event goes back to its exchange and decoder; a Dramatiq message to its queue.
             ch.basic_publish(
                 exchange=letter.exchange,
                 routing_key=letter.routing_key or "replay",

@@ -1,23 +1,23 @@
 """Partition actors: one Dramatiq queue and actor per partition, each applying one event.
 
 An actor's message is acknowledged only when it returns, i.e. after the PostgreSQL commit and the
-Redis sync. Failures are retried with exponential backoff within a bounded budget (count and age);
-past it, the original event goes to the dead-letter queue with its reason instead of vanishing.
+Redis sync. Failures are retried with exponential backoff within a bounded budget (the rule is
+``actors.retry``); past it, the original event goes to the dead-letter queue with its reason
+instead of vanishing.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import dramatiq
 from dramatiq.middleware import CurrentMessage
 
-from actors import deadletter
+from actors import deadletter, messages, retry
+from actors.messages import RECORD_DEAD_LETTER
 from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE, actor_name
-from sessiond import amqp
 from sessiond.events import Event, partition_queue
 from storage import block, db, revocation, state
 from storage.activity import ActivityBuffer
@@ -65,18 +65,6 @@ async def apply_and_sync(runtime: Runtime, events: list[Event]) -> list[state.Ou
     return outcomes
 
 
-def _budget_spent(runtime: Runtime, message: Any) -> str | None:
-    if message is None:
-        return None
-    retries = int(message.options.get("retries", 0))
-    age_s = time.time() - message.message_timestamp / 1000
-    if retries >= runtime.settings.retry_max:
-        return f"retries_exhausted after {retries} retries"
-    if age_s > runtime.settings.retry_max_age_s:
-        return f"too_old after {age_s:.0f}s"
-    return None
-
-
 def _dead_letter(
     runtime: Runtime,
     broker: dramatiq.Broker,
@@ -88,22 +76,22 @@ def _dead_letter(
     """The original body, with the exchange and routing key it was published with and the
     stamps the ingress gave it, so that ``sessiond dlq replay`` sends it back through the same
     decoder at the same time."""
+    source_queue = message.queue_name if message else ""
     props = deadletter.properties(
         reason=reason,
         detail=detail,
-        source_queue=message.queue_name if message else "",
+        source_queue=source_queue,
         exchange=str(item.get("exchange") or runtime.settings.events_exchange),
         routing_key=str(item.get("routing_key") or "replay"),
-        attempts=int(message.options.get("retries", 0)) + 1 if message else 1,
+        attempts=retry.retries_of(message) + 1,
         received_at=str(item.get("received_at") or "") or None,
         stamped_at=str(item.get("stamped_at") or "") or None,
     )
-    channel = broker.channel  # type: ignore[attr-defined]
-    amqp.declare_queue(channel, runtime.settings, runtime.settings.dead_letter_queue)
-    deadletter.publish(channel, runtime.settings, str(item.get("raw", "")).encode("utf-8"), props)
-    log.error("event dead-lettered", extra={"reason": reason, "detail": detail[:300]})
     user_id = item.get("event", {}).get("user_id") if isinstance(item.get("event"), dict) else None
-    record_dead_letter_later(broker, reason, detail, message, user_id=user_id)
+    journal = messages.dead_letter_journal(reason, detail, source_queue, user_id)
+    raw = str(item.get("raw", "")).encode("utf-8")
+    deadletter.bury(broker.channel, runtime.settings, raw, props, journal)  # type: ignore[attr-defined]
+    log.error("event dead-lettered", extra={"reason": reason, "detail": detail[:300]})
 
 
 def process(runtime: Runtime, broker: dramatiq.Broker, items: list[dict[str, Any]]) -> None:
@@ -117,14 +105,15 @@ def process(runtime: Runtime, broker: dramatiq.Broker, items: list[dict[str, Any
             _dead_letter(runtime, broker, message, item, "undecodable", repr(exc))
     if not good:
         return
-    retries = int(message.options.get("retries", 0)) if message else 0
+    retries = retry.retries_of(message)
     if retries < ISOLATE_AFTER:
         try:
             runtime.run(apply_and_sync(runtime, [event for event, _ in good]))
             return
         except Exception:
-            if _budget_spent(runtime, message) is None and retries + 1 < ISOLATE_AFTER:
-                raise  # Dramatiq's Retries middleware schedules the next attempt with backoff
+            budget_left = retry.spent(runtime.settings, broker, message) is None
+            if budget_left and retries + 1 < ISOLATE_AFTER:
+                raise  # actors.retry schedules the next attempt with backoff
             log.warning("batch failed; applying its events one by one", exc_info=True)
     failed: list[tuple[dict[str, Any], Exception]] = []
     for event, item in good:
@@ -134,27 +123,11 @@ def process(runtime: Runtime, broker: dramatiq.Broker, items: list[dict[str, Any
             failed.append((item, exc))
     if not failed:
         return
-    spent = _budget_spent(runtime, message)
+    spent = retry.spent(runtime.settings, broker, message)
     if spent is None:
         raise failed[0][1]  # retried whole: the events applied meanwhile are duplicates, no-ops
-    reason = spent.split(" ", 1)[0]
     for item, error in failed:
-        _dead_letter(runtime, broker, message, item, reason, f"{spent}: {error!r}")
-
-
-def record_dead_letter_later(
-    broker: dramatiq.Broker, reason: str, detail: str, message: Any, *, user_id: str | None = None
-) -> None:
-    """Journals through the jobs queue: the database may be the very thing that is down."""
-    broker.enqueue(
-        dramatiq.Message(
-            queue_name=JOBS_QUEUE,
-            actor_name="record_dead_letter",
-            args=(reason, detail[:1000], message.queue_name if message else "", user_id),
-            kwargs={},
-            options={},
-        )
-    )
+        _dead_letter(runtime, broker, message, item, spent.reason, f"{spent.detail}: {error!r}")
 
 
 def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[Any, Any]]:
@@ -188,8 +161,10 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
         runtime.run(write())
 
     actors.append(
-        dramatiq.actor(actor_name="record_dead_letter", queue_name=JOBS_QUEUE, broker=broker)(
-            record_dead_letter
-        )
+        # No count limit, only the age budget: the journal outlives the outage that made the
+        # letter (``actors.retry``).
+        dramatiq.actor(
+            actor_name=RECORD_DEAD_LETTER, queue_name=JOBS_QUEUE, broker=broker, max_retries=None
+        )(record_dead_letter)
     )
     return actors

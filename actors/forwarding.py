@@ -1,4 +1,4 @@
-"""What the ingress publishes: partition batches and journal jobs, built in pure code."""
+"""What the ingress publishes: events grouped into partition batches, built in pure code."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import dramatiq
 
-from actors.topology import JOBS_QUEUE, actor_name
-from sessiond.events import Event, partition_of, partition_queue
+from actors import messages
+from sessiond.events import Event, partition_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,26 +47,7 @@ def partition_messages(
     grouped: dict[int, list[dict[str, Any]]] = {}
     for user_id, item in items:
         grouped.setdefault(partition_of(user_id, partitions), []).append(item)
-    return [
-        dramatiq.Message(
-            queue_name=partition_queue(index),
-            actor_name=actor_name(index),
-            args=(batch,),
-            kwargs={},
-            options={},
-        )
-        for index, batch in sorted(grouped.items())
-    ]
-
-
-def journal_message(reason: str, detail: str, source_queue: str) -> dramatiq.Message[Any]:
-    return dramatiq.Message(
-        queue_name=JOBS_QUEUE,
-        actor_name="record_dead_letter",
-        args=(reason, detail, source_queue, None),
-        kwargs={},
-        options={},
-    )
+    return [messages.partition_batch(index, batch) for index, batch in sorted(grouped.items())]
 
 
 def with_stamp(event: Event, stamps: Stamps) -> Event:

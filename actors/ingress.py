@@ -3,9 +3,11 @@
 The publisher knows nothing of Dramatiq (CONTRACT §1), so a small consumer in every worker process
 reads the durable queues of ``actors.sources``, validates each body, and republishes it as a
 Dramatiq message to the partition queue of its user, or to the dead-letter queue with a reason.
-The channel is in AMQP transaction mode: a batch's publishes and the acknowledgement of its inputs
-commit together, so a crash in between redelivers the batch (duplicates are harmless) and loses
-nothing.
+The channel is in AMQP transaction mode with two commits per batch: its publishes (partition
+messages, dead letters, the high-water stamp), then the acks of its inputs. RabbitMQ's
+transactions are not atomic across queues ("Broker Semantics"): one commit cut short by a broker
+shutdown could settle the acks and drop a publish. Acking only after the publishes' commit-ok
+(stored) makes a crash anywhere redeliver instead: duplicates, which are harmless.
 
 Order: each ingest queue has a single active consumer (the other processes' consumers wait), and
 it gives every message a stamp that never goes backwards (``sessiond.stamps``), also across a
@@ -33,8 +35,8 @@ import pika
 import pika.exceptions
 from dramatiq.middleware import Middleware
 
-from actors import deadletter, topology
-from actors.forwarding import Stamps, event_item, journal_message, partition_messages, with_stamp
+from actors import deadletter, messages, topology
+from actors.forwarding import Stamps, event_item, partition_messages, with_stamp
 from actors.sources import Source
 from actors.topology import JOBS_QUEUE, declare_dramatiq_queue, partition_queues
 from sessiond import amqp, keycloak
@@ -236,7 +238,6 @@ class Ingress(threading.Thread):
         if pending:
             batch, pending[:] = list(pending), []
             self._forward(ch, batch)
-        ch.tx_commit()
         if self.stopping.is_set():
             return
         ch.queue_delete(legacy, if_empty=True)  # not empty after all: 406, reconnect, drain again
@@ -306,15 +307,11 @@ class Ingress(threading.Thread):
             items.append((event.user_id, item))
             forwarded += 1
         for msg in partition_messages(items, self.settings.partitions):
-            ch.basic_publish(
-                exchange="",
-                routing_key=msg.queue_name,
-                body=msg.encode(),
-                properties=pika.BasicProperties(delivery_mode=2),
-            )
+            messages.publish(ch, msg)
         if self.clock.last is not None:
             for source in sources.values():
                 topology.write_high_water(ch, source.queue, self.clock.last)
+        ch.tx_commit()  # stored by RabbitMQ before any input is acknowledged
         last_tag = int(batch[-1].method.delivery_tag)
         for tag in self._high_water_tags:
             if tag > last_tag:  # a lower tag is covered by the multiple ack below
@@ -363,14 +360,8 @@ class Ingress(threading.Thread):
             received_at=stamps.received_at.isoformat(),
             stamped_at=stamps.stamped_at.isoformat(),
         )
-        deadletter.publish(ch, self.settings, d.body, props)
-        journal = journal_message(reason, detail[:1000], d.source.queue)
-        ch.basic_publish(
-            exchange="",
-            routing_key=JOBS_QUEUE,
-            body=journal.encode(),
-            properties=pika.BasicProperties(delivery_mode=2),
-        )
+        journal = messages.dead_letter_journal(reason, detail, d.source.queue)
+        deadletter.bury(ch, self.settings, d.body, props, journal)
 
 
 class IngressMiddleware(Middleware):

@@ -27,8 +27,8 @@ from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
+from actors import messages
 from actors.jobs import EXPIRE, FLUSH, period_s
-from actors.topology import JOBS_QUEUE
 from sessiond.config import Settings, get_settings
 from sessiond.errors import DependencyUnavailable
 from storage.redis_conn import SyncClient, connect_sync
@@ -50,13 +50,7 @@ def jobs(settings: Settings) -> list[Job]:
 
 
 def job_message(job: Job, tick: int) -> dramatiq.Message[Any]:
-    return dramatiq.Message(
-        queue_name=JOBS_QUEUE,
-        actor_name=job.actor_name,
-        args=(),
-        kwargs={"scheduled_at": tick * job.period_s},
-        options={},
-    )
+    return messages.job_tick(job.actor_name, tick * job.period_s)
 
 
 class Ticker:

@@ -152,4 +152,9 @@ def declare_topology(channel: Any, settings: Settings) -> None:
     channel.exchange_declare(settings.events_exchange, exchange_type="topic", durable=True)
     declare_queue(channel, settings, settings.ingest_queue, INGEST_QUEUE_ARGUMENTS)
     channel.queue_bind(settings.ingest_queue, settings.events_exchange, routing_key="#")
+    declare_dead_letters(channel, settings)
+
+
+def declare_dead_letters(channel: Any, settings: Settings) -> None:
+    """``SESSIOND_DEAD_LETTER_QUEUE``, where every message no retry can apply ends up."""
     declare_queue(channel, settings, settings.dead_letter_queue)

@@ -45,12 +45,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tortoise.transactions import in_transaction
-
 from storage import forced
 from storage.activity import AccessLog, ActivityBuffer
 from storage.cache import Cache
-from storage.db import conn
+from storage.db import conn, transaction
 from storage.flush import (
     LOCK_TTL_S,
     activity_lock,
@@ -210,7 +208,7 @@ async def _batch(
     params = [CONNECTED, cutoff, last[0], last[1], batch_size]
     idle: list[str] = []
     active: dict[str, float] = {}
-    async with in_transaction() as tx:
+    async with transaction() as tx:
         rows = await tx.execute_query_dict(_CANDIDATES, params)
         if not rows:
             return True, last
@@ -291,7 +289,7 @@ async def _end_old_sessions(
     result: SweepResult, ids: list[str], *, now: datetime, max_s: int, dry_run: bool
 ) -> list[dict[str, Any]]:
     """One transaction: lock the users, let the rules end their old sessions, save."""
-    async with in_transaction() as tx:
+    async with transaction() as tx:
         work = UnitOfWork(tx, Journal())
         held = await work.load(ids, create=False, lock=_lock(dry_run))
         ended: dict[str, list[str]] = {}

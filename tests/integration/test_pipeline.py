@@ -214,7 +214,7 @@ async def test_dead_letters_replay(
         exchange=settings.events_exchange,
         routing_key="replay",
     )
-    deadletter.publish(broker_client.ch, settings, body, props)
+    deadletter.bury(broker_client.ch, settings, body, props, journal=None)
     # When it is replayed
     assert deadletter.replay(settings) == 1
     # Then it is applied and the dead-letter queue is empty

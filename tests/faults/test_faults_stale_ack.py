@@ -1,0 +1,102 @@
+"""A message finished after its channel was lost must not acknowledge another one.
+
+Dramatiq's worker threads hand a finished message to the consumer thread's *current* consumer
+(``ConsumerThread.post_process_message`` → ``self.consumer.ack``). After a connection loss that is
+a new channel, whose delivery tags start again at 1: the old message's tag names a different
+delivery there. This is what the model checker's lost events were (issue 11): the wrongly
+acknowledged message was still in the worker's memory, the worker was SIGKILLed a few seconds
+later, and RabbitMQ had nothing left to redeliver. Staged here step by step on the real broker,
+with the same consumer calls the worker makes, so the interleaving is exact.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import dramatiq
+import pika
+import pytest
+from dramatiq.brokers.rabbitmq import RabbitmqBroker
+
+from actors.consumer import ChannelBoundBroker
+from sessiond import amqp
+from sessiond.config import Settings
+
+
+@pytest.fixture
+def queue(settings: Settings) -> Iterator[str]:
+    name = f"sessiond.test.staleack.{uuid.uuid4().hex[:8]}"
+    yield name
+    conn = pika.BlockingConnection(amqp.connection_parameters(settings))
+    try:
+        ch = conn.channel()
+        for q in (name, f"{name}.DQ", f"{name}.XQ"):
+            ch.queue_delete(q)
+    finally:
+        conn.close()
+
+
+def _next(consumer: Any) -> Any:
+    for _ in range(20):  # the iterator yields None on its 100 ms inactivity timeout
+        message = next(consumer)
+        if message is not None:
+            return message
+    raise AssertionError("no delivery within 2 s")
+
+
+def _pump(consumer: Any) -> None:
+    """Lets the consumer's connection run its queued callbacks (the acks), as its thread does."""
+    consumer.connection.process_data_events(time_limit=0.3)
+
+
+def _left(settings: Settings, queue: str) -> list[str]:
+    """What RabbitMQ still holds for the queue, read back (and drained) by a plain client."""
+    conn = pika.BlockingConnection(amqp.connection_parameters(settings))
+    try:
+        ch = conn.channel()
+        names: list[str] = []
+        while True:
+            method, _props, body = ch.basic_get(queue, auto_ack=True)
+            if method is None:
+                return names
+            names.append(dramatiq.Message.decode(body).args[0])
+    finally:
+        conn.close()
+
+
+def stage(broker: RabbitmqBroker, settings: Settings, queue: str) -> list[str]:
+    """X, A, B published; the first channel delivers X (tag 1) and A (tag 2) and acks X; the
+    channel is lost (RabbitMQ puts A back first); the new channel delivers A again (tag 1) and B
+    (tag 2); A's first delivery finishes and is acknowledged through the new consumer; then the
+    process dies before it applied B. Returns what is left in the queue."""
+    for name in ("X", "A", "B"):
+        broker.enqueue(dramatiq.Message(queue, "apply", (name,), {}, {}))
+    first = broker.consume(queue, prefetch=2, timeout=100)
+    x, a = _next(first), _next(first)
+    assert (x.args[0], a.args[0], a._tag) == ("X", "A", 2)
+    first.ack(x)
+    _pump(first)
+    first.close()  # the connection lost: A is unacknowledged, so RabbitMQ requeues it
+
+    second = broker.consume(queue, prefetch=2, timeout=100)
+    again, b = _next(second), _next(second)
+    assert (again.args[0], again._tag, b.args[0], b._tag) == ("A", 1, "B", 2)
+    second.ack(a)  # what post_process_message does with A's first delivery
+    _pump(second)
+    second.close()  # SIGKILL before A and B were applied: RabbitMQ keeps what was not acked
+    broker.close()
+    return sorted(_left(settings, queue))
+
+
+def test_stock_consumer_acknowledges_another_message(settings: Settings, queue: str) -> None:
+    """The cause, on Dramatiq's own consumer: B is acknowledged by A's stale tag and lost."""
+    broker = RabbitmqBroker(parameters=[amqp.parameter_kwargs(settings)], middleware=[])
+    assert stage(broker, settings, queue) == ["A"]
+
+
+def test_channel_bound_consumer_keeps_every_message(settings: Settings, queue: str) -> None:
+    """sessiond's broker: the stale acknowledgement is dropped, A and B are both redelivered."""
+    broker = ChannelBoundBroker(parameters=[amqp.parameter_kwargs(settings)], middleware=[])
+    assert stage(broker, settings, queue) == ["A", "B"]
