@@ -85,8 +85,9 @@ def iso(epoch: float | None) -> str | None:
 
 class UserLoader:
     """Coalesces the ``GET user:<id>`` of requests that arrive in the same event-loop turn into
-    one ``MGET`` (requests for the same user share one slot), so Redis client work is paid per
-    batch rather than per request. Each request still reads after it arrived: no staleness."""
+    one ``MGET`` (requests for the same user share one slot; a cluster's split per slot), so
+    Redis client work is paid per batch rather than per request. Each request still reads
+    after it arrived: no staleness."""
 
     def __init__(self, cache: Cache) -> None:
         self.cache = cache

@@ -25,13 +25,14 @@ from typing import Final
 
 from api.background import cancel
 from storage.cache import Ahead, Cache, RowState, UserSnapshot
-from storage.redis_conn import REDIS_CONNECTION_ERRORS, AsyncClient
+from storage.redis_conn import REDIS_CONNECTION_ERRORS, AsyncClient, ping
 
 log = logging.getLogger(__name__)
 
 REDIS_ERRORS: Final = REDIS_CONNECTION_ERRORS
 REDIS_UNAVAILABLE: Final = (*REDIS_ERRORS, OSError)
-"""What a Redis call raises when the server is down or unreachable (not a bug of ours)."""
+"""What a Redis call raises when the server (a cluster's master) is down or unreachable, or a
+cluster's failover is under way: not a bug of ours."""
 REDIS_PROBE_S: Final = 0.5
 
 
@@ -61,7 +62,7 @@ class RedisTrust:
             await asyncio.sleep(REDIS_PROBE_S)
             failures = self.failures
             try:
-                await self.client.ping()
+                await ping(self.client)
                 if self.catch_up is not None:
                     await self.catch_up()
             except Exception as exc:  # still down, or PostgreSQL is: keep off the cache

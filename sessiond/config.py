@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     amqp_key_file: str | None = None
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_ca_file: str | None = None
+    # A Redis Cluster (CONTRACT §10): ``redis_url`` lists its startup nodes
+    # (``storage.redis_conn``).
+    redis_cluster: bool = False
     database_url: str = "postgres://sessiond:sessiond@127.0.0.1:5432/sessiond"
     db_pool_min: int = Field(default=1, ge=1)
     db_pool_max: int = Field(default=10, ge=1)

@@ -11,27 +11,33 @@ both buffers to PostgreSQL in batches (CONTRACT §2, §5), serialised by one Red
 - refused tokens (401) are not one entry each: ``audit:refused`` counts them per (minute, route,
   reason, client address), and the flush journals one row per closed minute and key.
 
-This module is the one writer and the one reader of those formats.
+This module is the one writer and the one reader of those formats. Their key names, one of
+each on a single Redis and ``storage.keys.SHARDS`` shards on a Redis Cluster (so that no master
+carries all of it), are ``storage.keys``': a user's activity goes to the shard of
+``crc32(user_id)``, each push of access decisions to the next shard in turn; the caps are divided
+among the shards. The flush drains every shard.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final, cast
 
-import redis.asyncio as aioredis
-from redis.asyncio.client import Pipeline
-
 from sessiond.config import Settings
+from storage.keys import SINGLE, AccessShard
+from storage.redis_conn import AsyncClient, AsyncPipeline, layout, run_script
 
-ACTIVITY_KEY = "activity"
-ACCESS_LOG_KEY = "audit:access"
-ACCESS_LOG_BYTES_KEY = "audit:access:bytes"
-ACCESS_LOG_OVERFLOW_KEY = "audit:access:overflow"
-REFUSED_KEY = "audit:refused"
+# The single-Redis names (``storage.keys``); a cluster shards each of them.
+ACTIVITY_KEY = SINGLE.activity_keys[0]
+ACCESS_LOG_KEY = SINGLE.access_shards[0].entries
+ACCESS_LOG_BYTES_KEY = SINGLE.access_shards[0].nbytes
+ACCESS_LOG_OVERFLOW_KEY = SINGLE.access_shards[0].overflow
+REFUSED_KEY = SINGLE.access_shards[0].refused
 # Left by flushes of an earlier version (the list was renamed aside whole): drained first.
 ACCESS_LOG_DRAINING_KEY = "audit:access:draining"
 REFUSED_DECISION: Final = "invalid_token"
@@ -112,21 +118,30 @@ def _now() -> float:
 class ActivityBuffer:
     """``activity`` hash: user id → epoch seconds of the newest granted request."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: AsyncClient) -> None:
         self.client = client
+        self.layout = layout(client)
         self._touch = client.register_script(_TOUCH)
 
-    async def touch(self, user_id: str, at: float | None = None) -> None:
-        await self._touch(keys=[ACTIVITY_KEY], args=[user_id, at if at is not None else _now()])
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every shard's hash (one on a single Redis), for the flush."""
+        return self.layout.activity_keys
 
-    async def queue_touches(self, pipe: Pipeline, touches: Iterable[tuple[str, float]]) -> None:
+    async def touch(self, user_id: str, at: float | None = None) -> None:
+        key = self.layout.activity_key(user_id)
+        await self._touch(keys=[key], args=[user_id, at if at is not None else _now()])
+
+    async def queue_touches(
+        self, pipe: AsyncPipeline, touches: Iterable[tuple[str, float]]
+    ) -> None:
         """Queues many touches on a caller's pipeline: one round trip for a whole batch."""
         for user_id, at in touches:
-            await self._touch(keys=[ACTIVITY_KEY], args=[user_id, at], client=pipe)
+            await run_script(self._touch, [self.layout.activity_key(user_id)], [user_id, at], pipe)
 
     async def pending(self, user_id: str) -> datetime | None:
         """The newest activity not yet flushed to PostgreSQL."""
-        raw = await self.client.hget(ACTIVITY_KEY, user_id)
+        raw = await self.client.hget(self.layout.activity_key(user_id), user_id)
         return datetime.fromtimestamp(float(raw), tz=UTC) if raw else None
 
 
@@ -143,6 +158,7 @@ class Page:
     """One page of the access log as read: where from, how many entries, their bytes."""
 
     key: str
+    counter: str  # the byte count it is taken off (the list itself for a leftover draining key)
     entries: list[dict[str, Any]]
     count: int
     nbytes: int
@@ -154,16 +170,20 @@ class AccessLog:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: AsyncClient,
         *,
         max_entries: int = 1_000_000,
         max_bytes: int = 256 * 2**20,
         max_refused_keys: int = 100_000,
     ) -> None:
         self.client = client
-        self.max_entries = max_entries
-        self.max_bytes = max_bytes
-        self.max_refused_keys = max_refused_keys
+        self.shards = layout(client).access_shards
+        # The caps hold for all shards together: each shard gets its part.
+        n = len(self.shards)
+        self.max_entries = max(1, max_entries // n)
+        self.max_bytes = max(1, max_bytes // n)
+        self.max_refused_keys = max(1, max_refused_keys // n)
+        self._turn = zlib.crc32(f"{os.getpid()}:{id(self)}".encode()) % n
         self._append = client.register_script(_APPEND)
         self._trim = client.register_script(_TRIM)
         self._count = client.register_script(_COUNT)
@@ -171,7 +191,7 @@ class AccessLog:
         self._tails: dict[tuple[str | None, str | None, str, str | None, str], str] = {}
 
     @classmethod
-    def configured(cls, client: aioredis.Redis, settings: Settings) -> AccessLog:
+    def configured(cls, client: AsyncClient, settings: Settings) -> AccessLog:
         return cls(
             client,
             max_entries=settings.access_log_max_entries,
@@ -210,20 +230,26 @@ class AccessLog:
             self._tails[tail_key] = tail
         return f'{{"at":"{iso(at)}",{tail}'
 
+    def _next(self) -> AccessShard:
+        """The shard of the next push: each in turn, so every master gets its share."""
+        self._turn = (self._turn + 1) % len(self.shards)
+        return self.shards[self._turn]
+
     async def queue_append(
-        self, pipe: Pipeline, encoded: Sequence[str], *, chunk: int = 2000
+        self, pipe: AsyncPipeline, encoded: Sequence[str], *, chunk: int = 2000
     ) -> int:
         """Queues capped appends of encoded entries on a pipeline; returns how many commands were
         queued (each answers how many of its entries were over the caps, already counted)."""
         calls = 0
+        shard = self._next()
         for start in range(0, len(encoded), chunk):
             args: list[str | int] = [
                 self.max_entries,
                 self.max_bytes,
                 *encoded[start : start + chunk],
             ]
-            keys = [ACCESS_LOG_KEY, ACCESS_LOG_BYTES_KEY, ACCESS_LOG_OVERFLOW_KEY]
-            await self._append(keys=keys, args=args, client=pipe)
+            keys = [shard.entries, shard.nbytes, shard.overflow]
+            await run_script(self._append, keys, args, pipe)
             calls += 1
         return calls
 
@@ -237,7 +263,7 @@ class AccessLog:
         """One entry given as a dict (tools and tests): capped like the API's batches."""
         return await self.append([json.dumps(entry, separators=(",", ":"))])
 
-    async def queue_refused(self, pipe: Pipeline, counts: dict[RefusedKey, int]) -> None:
+    async def queue_refused(self, pipe: AsyncPipeline, counts: dict[RefusedKey, int]) -> None:
         """Queues the refused-token counts, capped in keys (past the cap: client ``*``)."""
         args: list[str | int] = [self.max_refused_keys]
         for (minute, route, reason, client_address), n in counts.items():
@@ -247,25 +273,34 @@ class AccessLog:
                 n,
             ]
         if counts:
-            await self._count(keys=[REFUSED_KEY], args=args, client=pipe)
+            await run_script(self._count, [self._next().refused], args, pipe)
 
-    def queue_overflow(self, pipe: Pipeline, buffer: str, n: int) -> None:
+    def queue_overflow(self, pipe: AsyncPipeline, buffer: str, n: int) -> None:
         """Counts ``n`` entries that a buffer (``api``: a process while Redis was down) dropped."""
-        pipe.hincrby(ACCESS_LOG_OVERFLOW_KEY, buffer, n)
+        pipe.hincrby(self._next().overflow, buffer, n)
+
+    @property
+    def _lists(self) -> list[tuple[str, str]]:
+        """``(list, byte counter)`` of every shard, after a leftover draining key (single Redis
+        only: an earlier version's)."""
+        lists = [(s.entries, s.nbytes) for s in self.shards]
+        if len(self.shards) == 1:
+            lists.insert(0, (ACCESS_LOG_DRAINING_KEY, ACCESS_LOG_DRAINING_KEY))
+        return lists
 
     # ------------------------------------------------------------------ reading (the flush)
 
     async def backlog(self) -> int:
         """Entries waiting (live list and a leftover draining key)."""
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.llen(ACCESS_LOG_KEY)
-            pipe.llen(ACCESS_LOG_DRAINING_KEY)
+            for key, _ in self._lists:
+                pipe.llen(key)
             return sum(int(n) for n in await pipe.execute())
 
     async def read_page(self, size: int) -> Page | None:
         """The oldest ``size`` entries, left in place until ``ack``: a leftover draining key of an
         earlier version first, then the live list."""
-        for key in (ACCESS_LOG_DRAINING_KEY, ACCESS_LOG_KEY):
+        for key, counter in self._lists:
             raw = cast(list[bytes], await self.client.lrange(key, 0, size - 1))
             if raw:
                 entries = []
@@ -276,50 +311,56 @@ class AccessLog:
                         continue  # not ours: trimmed with the page, never blocks the log
                     if isinstance(value, dict):
                         entries.append(value)
-                return Page(key, entries, len(raw), sum(len(r) for r in raw))
+                return Page(key, counter, entries, len(raw), sum(len(r) for r in raw))
         return None
 
     async def ack(self, page: Page) -> None:
         """Trims a journaled page off the list's head (new entries only ever go to its tail)."""
-        counter = ACCESS_LOG_BYTES_KEY if page.key == ACCESS_LOG_KEY else page.key
-        await self._trim(keys=[page.key, counter], args=[page.count, page.nbytes])
+        await self._trim(keys=[page.key, page.counter], args=[page.count, page.nbytes])
 
     async def closed_refused(
         self, now: float, *, limit: int = 10_000
-    ) -> list[tuple[str, RefusedKey, int]]:
-        """Refused-token counts of minutes that ended (``MINUTE_GRACE_S`` ago), at most ``limit``:
-        ``(field, key, count)``."""
-        closed: list[tuple[str, RefusedKey, int]] = []
-        cursor = 0
-        while len(closed) < limit:
-            cursor, page = await self.client.hscan(REFUSED_KEY, cursor, count=1000)
-            for field, value in cast(dict[bytes, bytes], page).items():
-                try:
-                    minute, route, reason, client_address = json.loads(field)
-                except ValueError:
-                    continue
-                if minute + 60 + MINUTE_GRACE_S <= now and len(closed) < limit:
-                    key = (int(minute), str(route), str(reason), str(client_address))
-                    closed.append((field.decode(), key, int(value)))
-            if cursor == 0:
-                break
+    ) -> list[tuple[str, str, RefusedKey, int]]:
+        """Refused-token counts of minutes that ended (``MINUTE_GRACE_S`` ago), at most ``limit``,
+        from every shard: ``(hash, field, key, count)``; one key may come from several shards."""
+        closed: list[tuple[str, str, RefusedKey, int]] = []
+        for shard in self.shards:
+            cursor = 0
+            while len(closed) < limit:
+                cursor, page = await self.client.hscan(shard.refused, cursor, count=1000)
+                for field, value in cast(dict[bytes, bytes], page).items():
+                    try:
+                        minute, route, reason, client_address = json.loads(field)
+                    except ValueError:
+                        continue
+                    if minute + 60 + MINUTE_GRACE_S <= now and len(closed) < limit:
+                        key = (int(minute), str(route), str(reason), str(client_address))
+                        closed.append((shard.refused, field.decode(), key, int(value)))
+                if cursor == 0:
+                    break
         return closed
 
-    async def ack_refused(self, journaled: Sequence[tuple[str, int]]) -> None:
-        for start in range(0, len(journaled), 1000):
-            args: list[str | int] = []
-            for field, n in journaled[start : start + 1000]:
-                args += [field, n]
-            await self._uncount(keys=[REFUSED_KEY], args=args)
+    async def ack_refused(self, journaled: Sequence[tuple[str, str, int]]) -> None:
+        """Takes ``(hash, field, count)`` away, as journaled."""
+        by_hash: dict[str, list[str | int]] = {}
+        for hash_key, field, n in journaled:
+            by_hash.setdefault(hash_key, []).extend([field, n])
+        for hash_key, args in by_hash.items():
+            for start in range(0, len(args), 2000):
+                await self._uncount(keys=[hash_key], args=args[start : start + 2000])
 
-    async def overflow(self) -> dict[str, int]:
-        """Entries counted instead of stored, by buffer (``redis``, ``api``), not yet journaled."""
-        raw = cast(dict[bytes, bytes], await self.client.hgetall(ACCESS_LOG_OVERFLOW_KEY))
-        return {k.decode(): int(v) for k, v in raw.items() if int(v) > 0}
+    async def overflow(self) -> list[tuple[str, str, int]]:
+        """Entries counted instead of stored, not yet journaled: ``(hash, buffer, count)`` per
+        shard and buffer (``redis``, ``api``)."""
+        out: list[tuple[str, str, int]] = []
+        for shard in self.shards:
+            raw = cast(dict[bytes, bytes], await self.client.hgetall(shard.overflow))
+            out += [(shard.overflow, k.decode(), int(v)) for k, v in raw.items() if int(v) > 0]
+        return out
 
-    async def ack_overflow(self, journaled: dict[str, int]) -> None:
-        if journaled:
-            args: list[str | int] = []
-            for buffer, n in journaled.items():
-                args += [buffer, n]
-            await self._uncount(keys=[ACCESS_LOG_OVERFLOW_KEY], args=args)
+    async def ack_overflow(self, journaled: Sequence[tuple[str, str, int]]) -> None:
+        by_hash: dict[str, list[str | int]] = {}
+        for hash_key, buffer, n in journaled:
+            by_hash.setdefault(hash_key, []).extend([buffer, n])
+        for hash_key, args in by_hash.items():
+            await self._uncount(keys=[hash_key], args=args)

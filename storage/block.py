@@ -2,10 +2,11 @@
 work each; the rules are ``storage.blocking`` (Keycloak's delete/disable/enable come as events
 through the same rules, ``State.apply``).
 
-Redis key ``blocked:<id>`` (no TTL) mirrors a committed block for the API's cheap path: a
-disconnected user's token is refused from Redis alone (``gone:<id>``), and this key tells
-``blocked`` from ``not_connected`` there. PostgreSQL stays the truth: the cache-miss path reads
-``blocked_at``, and a refused login re-mirrors a lost key (``actors.events``).
+Redis key ``blocked:<id>`` (``blocked:{user:<id>}`` on a cluster, ``storage.keys``; no TTL)
+mirrors a committed block for the API's cheap path: a disconnected user's token is refused
+from Redis alone (``gone:<id>``), and this key tells ``blocked`` from ``not_connected`` there.
+PostgreSQL stays the truth: the cache-miss path reads ``blocked_at``, and a refused login
+re-mirrors a lost key (``actors.events``).
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-import redis.asyncio as aioredis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from storage import blocking
-from storage.cache import gone_key
+from storage.keys import SINGLE, KeyLayout
+from storage.redis_conn import REDIS_CONNECTION_ERRORS, AsyncClient, layout
 from storage.rows import Outcome
 from storage.unit_of_work import unit_of_work
 
@@ -27,8 +25,8 @@ log = logging.getLogger(__name__)
 BLOCKED = blocking.BLOCKED
 
 
-def blocked_key(user_id: str) -> str:
-    return f"blocked:{user_id}"
+def blocked_key(user_id: str, keys: KeyLayout = SINGLE) -> str:
+    return keys.blocked(user_id)
 
 
 async def block_user(
@@ -56,32 +54,34 @@ async def unblock_user(
         return out
 
 
-async def is_blocked(client: aioredis.Redis, user_id: str) -> bool:
-    return bool(await client.exists(blocked_key(user_id)))
+async def is_blocked(client: AsyncClient, user_id: str) -> bool:
+    return bool(await client.exists(blocked_key(user_id, layout(client))))
 
 
-async def gone_reason(client: aioredis.Redis, user_id: str) -> str | None:
+async def gone_reason(client: AsyncClient, user_id: str) -> str | None:
     """On a cache miss, in one round trip: ``blocked`` or ``not_connected`` when the newest change
     Redis saw disconnected the user (``gone:<id>``), told apart by ``blocked:<id>``; ``None`` when
-    the user is not gone (PostgreSQL decides)."""
-    gone, blocked = await client.mget([gone_key(user_id), blocked_key(user_id)])
+    the user is not gone (PostgreSQL decides). Both keys share the user's slot on a cluster."""
+    keys = layout(client)
+    gone, blocked = await client.mget([keys.gone(user_id), keys.blocked(user_id)])
     if gone is None:
         return None
     return "blocked" if blocked is not None else "not_connected"
 
 
-async def mirror(client: aioredis.Redis, outcome: Outcome) -> None:
+async def mirror(client: AsyncClient, outcome: Outcome) -> None:
     """After the commit: the ``blocked:<id>`` key follows the user's committed block. Best
     effort: without it a blocked user is still refused, as ``not_connected``."""
     snap = outcome.snapshot
     if snap is None:
         return
+    key = blocked_key(outcome.user_id, layout(client))
     try:
         if snap.blocked:
-            await client.set(blocked_key(outcome.user_id), "1")
+            await client.set(key, "1")
         else:
-            await client.delete(blocked_key(outcome.user_id))
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+            await client.delete(key)
+    except (*REDIS_CONNECTION_ERRORS, OSError) as exc:
         log.warning(
             "blocked mirror not written", extra={"user_id": outcome.user_id, "error": repr(exc)}
         )

@@ -8,27 +8,27 @@ committed earlier, or an API process refilling after a miss) can never resurrect
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
+from storage import redis_conn
+from storage.keys import SINGLE, KeyLayout, user_key
+from storage.redis_conn import AsyncClient, by_slot, mget, run_each, run_script
 
-
-def user_key(user_id: str) -> str:
-    return f"user:{user_id}"
-
-
-def version_key(user_id: str) -> str:
-    return f"uver:{user_id}"
+__all__ = ["gone_key", "user_key", "version_key"]
 
 
-def gone_key(user_id: str) -> str:
+def version_key(user_id: str, layout: KeyLayout = SINGLE) -> str:
+    return layout.version(user_id)
+
+
+def gone_key(user_id: str, layout: KeyLayout = SINGLE) -> str:
     """Present (TTL as ``user:<id>``) while the newest change known to Redis disconnected the
     user: the API refuses such a user's tokens without asking PostgreSQL, so clients that keep
     calling with a logged-out token cost one Redis read each, not a database query."""
-    return f"gone:{user_id}"
+    return layout.gone(user_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +129,7 @@ for i = 1, #KEYS, 3 do
 end
 return done
 """
+T = TypeVar("T")
 EVICT_CHUNK = 1000  # keeps each script run to a few milliseconds of Redis time
 
 # A refill after a miss (the API): ``_SYNC``'s guard, but a refusal answers the version Redis has
@@ -247,9 +248,10 @@ class Ahead:
 class Cache:
     """Thin typed wrapper so callers never build keys or scripts themselves."""
 
-    def __init__(self, client: aioredis.Redis, *, ttl_s: int) -> None:
+    def __init__(self, client: AsyncClient, *, ttl_s: int) -> None:
         self.client = client
         self.ttl_s = ttl_s
+        self.layout = redis_conn.layout(client)
         self._sync = client.register_script(_SYNC)
         self._evict_many = client.register_script(_EVICT_MANY)
         self._refill = client.register_script(_REFILL)
@@ -268,9 +270,19 @@ class Cache:
         pipe = self.client.pipeline(transaction=False)
         for snap in snapshots:
             payload = snap.to_json() if snap.connected else ""
-            keys = [user_key(snap.user_id), version_key(snap.user_id), gone_key(snap.user_id)]
-            await self._sync(keys=keys, args=[snap.version, payload, self.ttl_s], client=pipe)
+            args = [snap.version, payload, self.ttl_s]
+            await run_script(self._sync, self.keys(snap.user_id), args, pipe)
         return [bool(done) for done in await pipe.execute()]
+
+    def keys(self, user_id: str) -> list[str]:
+        """The user's key triple (entry, version, gone mark): one slot on a cluster."""
+        return [user_key(user_id), self.layout.version(user_id), self.layout.gone(user_id)]
+
+    def _chunks(self, items: Sequence[T], user_id: Callable[[T], str]) -> Iterator[Sequence[T]]:
+        """Batches for the many-user scripts: ``EVICT_CHUNK`` users, each batch in one slot."""
+        for group in by_slot(self.client, items, lambda item: user_key(user_id(item))):
+            for start in range(0, len(group), EVICT_CHUNK):
+                yield group[start : start + EVICT_CHUNK]
 
     async def evict_many(
         self, versions: Sequence[tuple[str, int]], *, disconnected: bool, older_only: bool = False
@@ -280,22 +292,21 @@ class Cache:
         gone); otherwise their status is unknown and any gone mark is dropped too. ``older_only``
         also keeps an entry written at exactly that version (it is current). Returns how many
         were evicted."""
-        done = 0
-        for start in range(0, len(versions), EVICT_CHUNK):
+        calls: list[tuple[list[Any], list[Any]]] = []
+        for chunk in self._chunks(versions, lambda item: item[0]):
             keys: list[str] = []
             args: list[int] = [self.ttl_s, 1 if older_only else 0, 1 if disconnected else 0]
-            for user_id, version in versions[start : start + EVICT_CHUNK]:
-                keys += [user_key(user_id), version_key(user_id), gone_key(user_id)]
+            for user_id, version in chunk:
+                keys += self.keys(user_id)
                 args.append(version)
-            done += int(await self._evict_many(keys=keys, args=args))
-        return done
+            calls.append((keys, args))
+        return sum(int(n) for n in await run_each(self.client, self._evict_many, calls))
 
     async def refill(self, snapshot: UserSnapshot) -> int | None:
         """``sync`` for the API's refill after a miss: ``None`` when written, else the newer
         version Redis has seen (the caller's read is stale, or PostgreSQL went backwards)."""
         payload = snapshot.to_json() if snapshot.connected else ""
-        uid = snapshot.user_id
-        keys = [user_key(uid), version_key(uid), gone_key(uid)]
+        keys = self.keys(snapshot.user_id)
         cur = int(await self._refill(keys=keys, args=[snapshot.version, payload, self.ttl_s]))
         return None if cur < 0 else cur
 
@@ -303,14 +314,18 @@ class Cache:
         """Compares the cached versions with these rows (``_RECONCILE``): returns how many
         stale entries were evicted and the users whose cached version is newer than the row."""
         evicted, ahead = 0, []
-        for start in range(0, len(rows), EVICT_CHUNK):
-            chunk = rows[start : start + EVICT_CHUNK]
+        chunks = list(self._chunks(rows, lambda row: row.user_id))
+        calls: list[tuple[list[Any], list[Any]]] = []
+        for chunk in chunks:
             keys: list[str] = []
             args: list[int] = [self.ttl_s]
             for row in chunk:
-                keys += [user_key(row.user_id), version_key(row.user_id), gone_key(row.user_id)]
+                keys += self.keys(row.user_id)
                 args += [row.version, 1 if row.connected else 0]
-            out = [int(x) for x in await self._reconcile(keys=keys, args=args)]
+            calls.append((keys, args))
+        for chunk, reply in zip(chunks, await run_each(self.client, self._reconcile, calls),
+                                strict=True):  # fmt: skip
+            out = [int(x) for x in reply]
             evicted += out[0]
             ahead += [
                 Ahead(chunk[n - 1].user_id, cur)
@@ -321,15 +336,15 @@ class Cache:
     async def reset(self, found: Sequence[tuple[Ahead, RowState]]) -> int:
         """Brings entries newer than their row back to the row (``_RESET``), each only if Redis
         still holds the version that was found newer; returns how many were reset."""
-        done = 0
-        for start in range(0, len(found), EVICT_CHUNK):
+        calls: list[tuple[list[Any], list[Any]]] = []
+        for chunk in self._chunks(found, lambda pair: pair[1].user_id):
             keys: list[str] = []
             args: list[int] = [self.ttl_s]
-            for ahead, row in found[start : start + EVICT_CHUNK]:
-                keys += [user_key(row.user_id), version_key(row.user_id), gone_key(row.user_id)]
+            for ahead, row in chunk:
+                keys += self.keys(row.user_id)
                 args += [ahead.cached, row.version, 1 if row.connected else 0]
-            done += int(await self._reset(keys=keys, args=args))
-        return done
+            calls.append((keys, args))
+        return sum(int(n) for n in await run_each(self.client, self._reset, calls))
 
     async def mark(self, key: str, position: int, *, force: bool) -> None:
         """Moves the reconciler's mark forward (``force``: sets it, even backwards)."""
@@ -337,12 +352,12 @@ class Cache:
 
     async def is_gone(self, user_id: str) -> bool:
         """The newest change Redis saw disconnected the user (see ``gone_key``)."""
-        return bool(await self.client.exists(gone_key(user_id)))
+        return bool(await self.client.exists(self.layout.gone(user_id)))
 
     async def raw_many(self, user_ids: Sequence[str]) -> list[bytes | None]:
-        """The cached ``user:<id>`` JSON of each user (``None``: a miss), in one ``MGET``; the hot
-        path parses it itself, once per distinct entry."""
-        values = await self.client.mget([user_key(user_id) for user_id in user_ids])
+        """The cached ``user:<id>`` JSON of each user (``None``: a miss), in one ``MGET`` (one
+        per slot on a cluster); the hot path parses it itself, once per distinct entry."""
+        values = await mget(self.client, [user_key(user_id) for user_id in user_ids])
         return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def get(self, user_id: str) -> UserSnapshot | None:
@@ -351,7 +366,7 @@ class Cache:
 
     async def ping(self) -> bool:
         try:
-            return bool(await self.client.ping())
+            return await redis_conn.ping(self.client)
         except Exception:
             return False
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
+import sys
+from collections.abc import AsyncIterator
 from typing import Any, Final
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -10,7 +13,9 @@ import asyncpg
 from tortoise import Tortoise, connections
 from tortoise import context as tortoise_context
 from tortoise.backends.base.client import BaseDBAsyncClient
+from tortoise.connection import get_connections
 from tortoise.exceptions import DBConnectionError, OperationalError
+from tortoise.transactions import in_transaction
 
 from sessiond.config import Settings, get_settings
 
@@ -171,3 +176,47 @@ async def ping() -> bool:
     except Exception:
         return False
     return True
+
+
+@contextlib.asynccontextmanager
+async def transaction() -> AsyncIterator[BaseDBAsyncClient]:
+    """Tortoise's ``in_transaction``, without its leak when PostgreSQL goes away.
+
+    Tortoise makes the transaction the task's current connection *before* ``BEGIN`` and undoes it
+    only in ``__aexit__`` (after the release). A ``BEGIN`` on a pooled connection the server has
+    just terminated (a restart, a failover) raises in ``__aenter__``, so nothing undoes it: the
+    task keeps a dead transaction as its connection, and every later statement of that task fails
+    with ``InterfaceError: ... released back to the pool``. Short tasks (a request, an actor call)
+    end and take it with them; a long-lived loop (the outbox relay) never published again. Here
+    the task's connection is restored whatever fails, and the pooled connection given back."""
+    context: Any = in_transaction()
+    try:
+        client = await context.__aenter__()
+    except BaseException:
+        await _undo(context)
+        raise
+    try:
+        yield client
+    except BaseException:
+        try:
+            await context.__aexit__(*sys.exc_info())
+        finally:
+            await _undo(context)
+        raise
+    try:
+        await context.__aexit__(None, None, None)
+    finally:
+        await _undo(context)
+
+
+async def _undo(context: Any) -> None:
+    token = getattr(context, "token", None)
+    if token is None or getattr(token, "_used", True):
+        return  # never set, or ``__aexit__`` restored it
+    get_connections().reset(token)
+    client = getattr(context, "client", None)
+    pool = getattr(getattr(client, "_parent", None), "_pool", None)
+    proxy = getattr(client, "_connection", None)
+    if pool is not None and proxy is not None:
+        with contextlib.suppress(Exception):  # a dead connection: asyncpg discards it
+            await pool.release(proxy, timeout=2.0)

@@ -45,12 +45,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tortoise.transactions import in_transaction
-
 from storage import forced
-from storage.activity import ACTIVITY_KEY, AccessLog, ActivityBuffer
+from storage.activity import AccessLog, ActivityBuffer
 from storage.cache import Cache
-from storage.db import conn
+from storage.db import conn, transaction
 from storage.flush import (
     LOCK_TTL_S,
     activity_lock,
@@ -118,8 +116,14 @@ class SweepResult:
 
 async def _pending(buffer: ActivityBuffer, user_ids: Sequence[str]) -> dict[str, float]:
     """Buffered activity (epoch seconds) of these users, from the live hash."""
-    values = await buffer.client.hmget(ACTIVITY_KEY, list(user_ids))
-    return {uid: float(raw) for uid, raw in zip(user_ids, values, strict=True) if raw is not None}
+    by_key: dict[str, list[str]] = {}
+    for uid in user_ids:  # one HMGET per shard
+        by_key.setdefault(buffer.layout.activity_key(uid), []).append(uid)
+    out: dict[str, float] = {}
+    for key, uids in by_key.items():
+        values = await buffer.client.hmget(key, uids)
+        out |= {uid: float(raw) for uid, raw in zip(uids, values, strict=True) if raw is not None}
+    return out
 
 
 async def _evict(cache: Cache, rows: Sequence[dict[str, Any]]) -> int:
@@ -204,7 +208,7 @@ async def _batch(
     params = [CONNECTED, cutoff, last[0], last[1], batch_size]
     idle: list[str] = []
     active: dict[str, float] = {}
-    async with in_transaction() as tx:
+    async with transaction() as tx:
         rows = await tx.execute_query_dict(_CANDIDATES, params)
         if not rows:
             return True, last
@@ -285,7 +289,7 @@ async def _end_old_sessions(
     result: SweepResult, ids: list[str], *, now: datetime, max_s: int, dry_run: bool
 ) -> list[dict[str, Any]]:
     """One transaction: lock the users, let the rules end their old sessions, save."""
-    async with in_transaction() as tx:
+    async with transaction() as tx:
         work = UnitOfWork(tx, Journal())
         held = await work.load(ids, create=False, lock=_lock(dry_run))
         ended: dict[str, list[str]] = {}

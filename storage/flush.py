@@ -1,6 +1,7 @@
 """The activity flush: what the API buffered in Redis reaches PostgreSQL in set-based batches.
 
-Activity (``ActivityBuffer``, the ``activity`` hash: user id → newest request time):
+Activity (``ActivityBuffer``, the ``activity`` hash, sharded on a cluster: user id → newest
+request time; every shard in turn):
 - one ``UPDATE … FROM unnest(…)`` per page of the hash moves ``last_activity_at`` and ``seen_at``
   forward with ``GREATEST``: a timestamp never goes backwards and a replayed page is a no-op. The
   hash keeps one entry per user, so 10,000 requests by one user between two flushes are one row
@@ -32,13 +33,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
-import redis.asyncio as aioredis
 from redis.asyncio.lock import Lock
 from redis.exceptions import LockError
 from tortoise.backends.base.client import BaseDBAsyncClient
 
 from storage.activity import (
-    ACTIVITY_KEY,
     REFUSED_DECISION,
     AccessLog,
     ActivityBuffer,
@@ -47,6 +46,7 @@ from storage.activity import (
 from storage.cache import user_key
 from storage.db import conn
 from storage.journal import write_audit
+from storage.redis_conn import AsyncClient, by_slot, mget, run_each
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class FlushResult:
         return asdict(self)
 
 
-def activity_lock(client: aioredis.Redis, *, wait_s: float = 0.0) -> Lock:
+def activity_lock(client: AsyncClient, *, wait_s: float = 0.0) -> Lock:
     """The lock shared by flushes and sweeps; its TTL frees it when a holder dies."""
     return client.lock(
         ACTIVITY_LOCK_KEY,
@@ -172,26 +172,27 @@ async def drain_activity(
     PostgreSQL and the cache, so neither the API's idle check nor the sweep can miss it.
     """
     client = buffer.client
-    cursor = 0
-    while True:
-        cursor, reply = await client.hscan(ACTIVITY_KEY, cursor, count=batch_size)
-        page = cast(dict[bytes, bytes], reply)  # the client does not decode responses
-        if page:
-            raw = {k.decode(): v for k, v in page.items()}
-            entries = {uid: datetime.fromtimestamp(float(v), tz=UTC) for uid, v in raw.items()}
-            updated, batches = await write_activity(
-                db, list(entries.items()), batch_size=batch_size
-            )
-            result.cache_refreshed += await refresh_cache(client, entries)
-            await forget(client, raw)
-            result.activity_entries += len(entries)
-            result.users_updated += updated
-            result.batches += batches
-        if cursor == 0:
-            return
+    for key in buffer.keys:  # every shard
+        cursor = 0
+        while True:
+            cursor, reply = await client.hscan(key, cursor, count=batch_size)
+            page = cast(dict[bytes, bytes], reply)  # the client does not decode responses
+            if page:
+                raw = {k.decode(): v for k, v in page.items()}
+                entries = {uid: datetime.fromtimestamp(float(v), tz=UTC) for uid, v in raw.items()}
+                updated, batches = await write_activity(
+                    db, list(entries.items()), batch_size=batch_size
+                )
+                result.cache_refreshed += await refresh_cache(client, entries)
+                await forget(client, raw, key=key)
+                result.activity_entries += len(entries)
+                result.users_updated += updated
+                result.batches += batches
+            if cursor == 0:
+                break
 
 
-async def refresh_cache(client: aioredis.Redis, entries: dict[str, datetime]) -> int:
+async def refresh_cache(client: AsyncClient, entries: dict[str, datetime]) -> int:
     """Moves ``seen_at``/``last_activity_at`` forward in the cached ``user:<id>`` snapshots.
 
     Activity is not a state change, so the version stays; each write is a compare-and-set on the
@@ -203,19 +204,19 @@ async def refresh_cache(client: aioredis.Redis, entries: dict[str, datetime]) ->
     for _ in range(CAS_ATTEMPTS):
         if not todo:
             break
-        keys: list[str] = []
-        args: list[bytes | str] = []
-        values = cast(list[bytes | None], await client.mget([user_key(u) for u in todo]))
+        values = cast(list[bytes | None], await mget(client, [user_key(u) for u in todo]))
+        patches: list[tuple[str, bytes, str]] = []
         for uid, raw in zip(todo, values, strict=True):
             patched = _patched(raw, entries[uid]) if raw is not None else None
             if raw is not None and patched is not None:
-                keys.append(user_key(uid))
-                args += [raw, patched]
+                patches.append((user_key(uid), raw, patched))
+        calls: list[tuple[list[Any], list[Any]]] = []
+        for group in by_slot(client, patches, lambda patch: patch[0]):  # one slot per call
+            for chunk in chunks(group, CACHE_CHUNK):
+                calls.append(([k for k, _, _ in chunk], [v for _, r, p in chunk for v in (r, p)]))
         missed: list[str] = []
-        for start in range(0, len(keys), CACHE_CHUNK):
-            chunk = keys[start : start + CACHE_CHUNK]
-            failed = await script(keys=chunk, args=args[2 * start : 2 * (start + len(chunk))])
-            refreshed += len(chunk) - len(failed)
+        for (keys, _), failed in zip(calls, await run_each(client, script, calls), strict=True):
+            refreshed += len(keys) - len(failed)
             missed += [k.decode().removeprefix("user:") for k in failed]
         todo = missed
     return refreshed
@@ -238,15 +239,16 @@ def _patched(raw: bytes, at: datetime) -> str | None:
     return json.dumps(data, separators=(",", ":")) if changed else None
 
 
-async def forget(client: aioredis.Redis, flushed: dict[str, bytes]) -> None:
-    """Deletes flushed entries that still hold the flushed value (a newer request keeps its own)."""
+async def forget(client: AsyncClient, flushed: dict[str, bytes], *, key: str) -> None:
+    """Deletes flushed entries of the hash ``key`` that still hold the flushed value (a newer
+    request keeps its own)."""
     script = client.register_script(_FORGET)
     items = list(flushed.items())
     for start in range(0, len(items), CACHE_CHUNK):
         args: list[bytes | str] = []
         for uid, value in items[start : start + CACHE_CHUNK]:
             args += [uid, value]
-        await script(keys=[ACTIVITY_KEY], args=args)
+        await script(keys=[key], args=args)
 
 
 def _when(value: Any) -> datetime | None:
@@ -328,20 +330,26 @@ async def drain_access_log(
     closed = await access_log.closed_refused(time.time() if now is None else now)
     for start in range(0, len(closed), batch_size):
         part = closed[start : start + batch_size]
-        await write_audit(db, [refused_row(key, n) for _, key, n in part])
-        await access_log.ack_refused([(field, n) for field, _, n in part])
-        result.refused_rows += len(part)
-        result.refused_count += sum(n for _, _, n in part)
+        counts: dict[RefusedKey, int] = {}
+        for _, _, key, n in part:  # one row per key, whichever shards counted it
+            counts[key] = counts.get(key, 0) + n
+        await write_audit(db, [refused_row(key, n) for key, n in counts.items()])
+        await access_log.ack_refused([(hash_key, field, n) for hash_key, field, _, n in part])
+        result.refused_rows += len(counts)
+        result.refused_count += sum(counts.values())
     overflow = await access_log.overflow()
     if overflow:
+        dropped: dict[str, int] = {}
+        for _, buffer, n in overflow:
+            dropped[buffer] = dropped.get(buffer, 0) + n
         rows: list[AuditRow] = [
             (None, None, None, OVERFLOW_KIND, "cap", "api", json.dumps({"dropped": n, "buffer": b}))
-            for b, n in sorted(overflow.items())
+            for b, n in sorted(dropped.items())
         ]
         await write_audit(db, rows)
         await access_log.ack_overflow(overflow)
-        result.overflow_count += sum(overflow.values())
-        log.warning("access log over its cap: entries counted, not stored", extra=overflow)
+        result.overflow_count += sum(dropped.values())
+        log.warning("access log over its cap: entries counted, not stored", extra=dropped)
 
 
 async def flush_pending(

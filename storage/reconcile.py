@@ -28,7 +28,8 @@ more, never less. (``updated_at`` is taken by the same trigger at the row's writ
 
 **Where a turn starts.** The horizon of the last successful turn is stored twice: in PostgreSQL
 (``cache_reconcile``, committed first) and in Redis (``MARK_KEY``, written after the evictions
-that it vouches for). A turn reads both:
+that it vouches for; on a cluster once per shard tag, ``storage.keys``, read as the lowest).
+A turn reads both:
 - equal (the usual case), or Redis's lower: start from Redis's. A Redis restored from a snapshot
   or failed over to a lagging replica carries the mark of the state it holds, so the turn goes
   back exactly as far as that Redis has fallen behind;
@@ -54,12 +55,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-from storage.cache import Ahead, Cache, RowState, gone_key, user_key
+from redis.asyncio.cluster import RedisCluster
+
+from storage.cache import Ahead, Cache, RowState, user_key
 from storage.db import conn
+from storage.keys import SINGLE, key_slot
 from storage.models import CONNECTED
+from storage.redis_conn import mget, scan
 
 LOCK_KEY: Final = "sessiond:reconcile:lock"
-MARK_KEY: Final = "sessiond:reconcile:mark"
+MARK_KEY: Final = SINGLE.reconcile_marks[0]
 STATE: Final = "cache"
 PAGE: Final = 5000
 SCAN_COUNT: Final = 1000
@@ -134,45 +139,73 @@ async def _changes(cache: Cache, start: int) -> tuple[int, int, int]:
         after = (str(page[-1]["xid"]), str(page[-1]["id"]))
 
 
+def _user_id(key: str, cache: Cache) -> str | None:
+    if key.startswith("user:"):
+        return key.removeprefix("user:")
+    return cache.layout.gone_user_id(key)
+
+
 async def _everything(cache: Cache) -> tuple[int, int, int]:
-    """Every cached ``user:<id>`` and ``gone:<id>`` against its row (unknown users: version
-    -1, so reset)."""
+    """Every cached ``user:<id>`` and gone mark against its row (unknown users: version -1, so
+    reset); on a cluster, every master's."""
     checked = evicted = reset = 0
-    for pattern in (user_key("*"), gone_key("*")):
-        cursor, prefix = 0, len(pattern) - 1
-        while True:
-            cursor, keys = await cache.client.scan(cursor, match=pattern, count=SCAN_COUNT)
-            ids = sorted({(k.decode() if isinstance(k, bytes) else k)[prefix:] for k in keys})
+    for pattern in (user_key("*"), cache.layout.gone_pattern):
+        async for keys in scan(cache.client, pattern, SCAN_COUNT):
+            ids = sorted({uid for uid in (_user_id(k, cache) for k in keys) if uid is not None})
             if ids:
                 found = await _read_rows(ids)
                 rows = [found.get(uid, RowState(uid, -1, False)) for uid in ids]
                 done = await _settle(cache, rows)
                 checked, evicted, reset = checked + len(ids), evicted + done[0], reset + done[1]
-            if int(cursor) == 0:
-                break
     return checked, evicted, reset
+
+
+async def _marks(cache: Cache) -> tuple[int, int] | None:
+    """The lowest and the highest mark (the turn starts from the lowest; any above
+    PostgreSQL's means PostgreSQL went backwards), ``None`` when one is missing. On a
+    cluster there is one mark per shard tag, and each master's marks travel with its data: a
+    master failed over to a lagging replica brings back its older marks, so the turn goes back
+    as far as that master fell behind. A master that holds none of the marks (more masters than
+    shards, or an uneven slot split) could fall behind unseen: then no mark is trusted."""
+    marks = cache.layout.reconcile_marks
+    if not await _covered(cache, marks):
+        return None
+    raw = await mget(cache.client, list(marks))
+    if any(value is None for value in raw):
+        return None
+    values = [int(value) for value in raw]
+    return min(values), max(values)
+
+
+async def _covered(cache: Cache, marks: Sequence[str]) -> bool:
+    client = cache.client
+    if not cache.layout.cluster or not isinstance(client, RedisCluster):
+        return True
+    await client.initialize()  # the slot map (a no-op once loaded)
+    owners = {client.nodes_manager.get_node_from_slot(key_slot(m)).name for m in marks}
+    return owners >= {node.name for node in client.get_primaries()}
 
 
 async def reconcile(cache: Cache) -> Reconciled:
     """One turn, from where the last successful one got to (see the module docstring). Any
     failure (Redis or PostgreSQL unreachable) raises before the mark moves: the next turn
     covers the same changes again."""
-    raw_mark = await cache.client.get(MARK_KEY)
+    marks = await _marks(cache)
     db = conn()
     stored_rows = await db.execute_query_dict(_STORED, [STATE])
     horizon = int((await db.execute_query_dict(_HORIZON))[0]["xmin"])
-    mark = int(raw_mark) if raw_mark is not None else None
     stored = int(stored_rows[0]["hwm"]) if stored_rows else None
-    full = mark is None or stored is None or mark > stored
+    full = marks is None or stored is None or marks[1] > stored
+    start: int | None = None
     if full:
         checked, evicted, reset = await _everything(cache)
-        start = None
     else:
-        assert mark is not None
-        start = mark
-        checked, evicted, reset = await _changes(cache, mark)
+        assert marks is not None
+        start = marks[0]
+        checked, evicted, reset = await _changes(cache, start)
     await db.execute_query(_SAVE, [STATE, str(horizon)])
-    await cache.mark(MARK_KEY, horizon, force=full)
+    for key in cache.layout.reconcile_marks:
+        await cache.mark(key, horizon, force=full)
     return Reconciled(checked, evicted, reset, full, start, horizon)
 
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import logging
 from typing import Final
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessiond.errors import SessiondError
+from storage.redis_conn import AsyncClient
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,25 @@ class UnsafeRedisPolicy(SessiondError):
     """The Redis server may evict keys that hold sessiond's state (see the module docstring)."""
 
 
-async def check_memory_policy(client: aioredis.Redis) -> str | None:
+async def check_memory_policy(client: AsyncClient) -> str | None:
     """The server's policy when it may be read (``None``: CONFIG is not allowed, e.g. a managed
     Redis that renames it; then the operator's word stands, with a warning). Raises
-    ``UnsafeRedisPolicy`` for any policy but ``noeviction``."""
+    ``UnsafeRedisPolicy`` for any policy but ``noeviction``; on a cluster, of any master."""
+    if isinstance(client, RedisCluster):
+        policies = {await _policy(client, node) for node in client.get_primaries()}
+        known = {p for p in policies if p is not None}
+        for policy in sorted(known - {REQUIRED_POLICY}):
+            _refuse(policy)
+        return REQUIRED_POLICY if known and None not in policies else None
+    return await _policy(client, None)
+
+
+async def _policy(client: AsyncClient, node: ClusterNode | None) -> str | None:
     try:
-        reply = await client.config_get("maxmemory-policy")
+        if isinstance(client, RedisCluster):
+            reply = await client.config_get("maxmemory-policy", target_nodes=node)
+        else:
+            reply = await client.config_get("maxmemory-policy")
     except ResponseError as exc:
         log.warning(
             "cannot read redis maxmemory-policy; make sure it is noeviction",
@@ -54,9 +68,13 @@ async def check_memory_policy(client: aioredis.Redis) -> str | None:
     raw = reply.get("maxmemory-policy") or reply.get(b"maxmemory-policy")  # type: ignore[call-overload]
     policy = raw.decode() if isinstance(raw, bytes) else str(raw or "")
     if policy != REQUIRED_POLICY:
-        raise UnsafeRedisPolicy(
-            f"redis maxmemory-policy is {policy!r}: it may evict sessiond's state (activity,"
-            f" access journal, version keys); set maxmemory-policy {REQUIRED_POLICY}"
-            " (or SESSIOND_REDIS_POLICY_CHECK=false to start anyway)"
-        )
+        _refuse(policy)
     return policy
+
+
+def _refuse(policy: str) -> None:
+    raise UnsafeRedisPolicy(
+        f"redis maxmemory-policy is {policy!r}: it may evict sessiond's state (activity,"
+        f" access journal, version keys); set maxmemory-policy {REQUIRED_POLICY}"
+        " (or SESSIOND_REDIS_POLICY_CHECK=false to start anyway)"
+    )

@@ -7,9 +7,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from tortoise.transactions import in_transaction
-
-from storage.db import conn
+from storage.db import conn, transaction
 from storage.outbox import OutboxRow, claim, mark_sent
 
 
@@ -19,7 +17,7 @@ async def relay_batch(
     """One relay round in one transaction: claim up to ``limit`` rows, ``publish`` them (it
     returns once the broker confirmed), mark them sent, commit. Whatever ``publish`` raises rolls
     the claim back, so the rows stay pending for the next round."""
-    async with in_transaction() as tx:
+    async with transaction() as tx:
         rows = await claim(tx, limit)
         if rows:
             await publish(rows)

@@ -22,11 +22,10 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
-import redis.asyncio as aioredis
-
 from sessiond.events import MAX_EVENT_ID, Event
 from storage.db import conn
 from storage.models import CONNECTED
+from storage.redis_conn import AsyncClient
 
 _OWNERS = """
 SELECT DISTINCT user_id FROM sessions WHERE session_id = $1 AND source = $2 ORDER BY user_id
@@ -65,13 +64,13 @@ def jti_key(issuer: str, jti: str) -> str:
     return f"bcl:jti:{digest}"
 
 
-async def claim_jti(client: aioredis.Redis, issuer: str, jti: str, ttl_s: float) -> bool:
+async def claim_jti(client: AsyncClient, issuer: str, jti: str, ttl_s: float) -> bool:
     """True the first time ``jti`` of ``issuer`` is seen (remembered ``ttl_s``, the token's
     remaining lifetime); False for a replay."""
     ttl = max(1, math.ceil(ttl_s))
     return bool(await client.set(jti_key(issuer, jti), "1", nx=True, ex=ttl))
 
 
-async def release_jti(client: aioredis.Redis, issuer: str, jti: str) -> None:
+async def release_jti(client: AsyncClient, issuer: str, jti: str) -> None:
     """Forgets a claim whose logout failed, so that the identity provider's retry is accepted."""
     await client.delete(jti_key(issuer, jti))

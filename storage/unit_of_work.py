@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 from tortoise.backends.base.client import BaseDBAsyncClient
-from tortoise.transactions import in_transaction
 
 from sessiond.events import Event
 from storage import journal
+from storage.db import transaction
 from storage.models import CONNECTED, DISCONNECTED
 from storage.rows import Session
 from storage.rules import State
@@ -160,7 +160,7 @@ class UnitOfWork(State):
 @asynccontextmanager
 async def unit_of_work() -> AsyncIterator[UnitOfWork]:
     """A transaction with its unit of work, saved just before the commit."""
-    async with in_transaction() as db:
+    async with transaction() as db:
         work = UnitOfWork(db, journal.Journal())
         yield work
         await work.save()

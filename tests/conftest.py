@@ -21,7 +21,6 @@ from typing import Any
 import asyncpg
 import pika
 import pytest
-import redis.asyncio as aioredis
 
 from sessiond import amqp, stack
 from sessiond.config import Settings, get_settings
@@ -30,6 +29,7 @@ from sessiond.stack.cluster_config import ClusterConfig
 from storage import cache as cache_mod
 from storage import db as db_mod
 from storage import redis_conn
+from storage.redis_conn import AsyncClient
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("audit_events", "outbox", "processed_events", "sessions", "users")
@@ -63,7 +63,7 @@ async def async_wait_until(
 
 
 async def cache_entry_when(
-    redis: aioredis.Redis, user_id: str, predicate: Callable[[dict[str, Any] | None], bool]
+    redis: AsyncClient, user_id: str, predicate: Callable[[dict[str, Any] | None], bool]
 ) -> dict[str, Any] | None:
     """The worker syncs Redis just after its PostgreSQL commit, so a test that has seen the
     commit waits for the cache to follow instead of racing it; returns the entry once
@@ -204,7 +204,7 @@ async def orm_pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[aioredis.Redis]:
+async def redis(settings: Settings) -> AsyncIterator[AsyncClient]:
     """A decoding client on the emptied test Redis db, for checking what the processes wrote."""
     client = redis_conn.connect(settings, decode_responses=True)
     await client.flushdb()

@@ -235,7 +235,8 @@ def event(kind: str, user_id: str, *, session_id: str | None = None) -> dict[str
 
 
 def _connection_parameters() -> pika.ConnectionParameters:
-    url = urlsplit(TARGET.amqp_url)
+    # A cluster's SESSIOND_AMQP_URL lists its nodes: the load publishes to the first one.
+    url = urlsplit(TARGET.amqp_url.split(",")[0].strip())
     host = url.hostname or "127.0.0.1"
     tls = url.scheme == "amqps"
     kwargs: dict[str, Any] = {

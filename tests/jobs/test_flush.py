@@ -201,7 +201,7 @@ async def test_a_crash_after_the_commit_replays_harmlessly(
     await connect_user(cache, "u1", NOW - timedelta(minutes=10))
     await buffer.touch("u1", at=(NOW - timedelta(seconds=5)).timestamp())
 
-    async def crash(*args: object) -> None:
+    async def crash(*args: object, **kwargs: object) -> None:
         raise ConnectionError("redis went away")
 
     monkeypatch.setattr(flush, "forget", crash)

@@ -19,6 +19,7 @@ from actors.scheduler import Job, Ticker
 from actors.topology import JOBS_QUEUE
 from sessiond.config import Settings
 from storage import redis_conn
+from storage.redis_conn import SyncClient
 from storage.ticks import claim_tick, tick_key
 from tests.conftest import Amqp, Process, wait_until
 
@@ -37,7 +38,7 @@ class FakeBroker:
 
 
 @pytest.fixture
-def sync_redis(settings: Settings) -> Iterator[redis.Redis]:
+def sync_redis(settings: Settings) -> Iterator[SyncClient]:
     client = redis_conn.connect_sync(settings)
     client.flushdb()
     try:

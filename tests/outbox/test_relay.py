@@ -5,6 +5,7 @@ failure without losing anything."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
@@ -191,4 +192,26 @@ async def test_a_refused_message_fails_its_batch_and_stays_pending(
         assert await pg.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL") == 0
     finally:
         events_out.ch.queue_delete(full)
+        await relay.stop()
+
+
+async def test_a_dead_first_node_is_skipped_by_the_relay(
+    pg: asyncpg.Connection, events_out: EventsOut, settings: Settings
+) -> None:
+    # Given SESSIOND_AMQP_URL naming a node where nothing listens before the live one
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    live = settings.amqp_urls[0]
+    scheme, rest = live.split("://", 1)
+    creds, path = rest.split("@", 1)[0], rest.split("/", 1)[1]
+    nodes = f"{scheme}://{creds}@127.0.0.1:{dead}/{path},{live}"
+    relayed = Settings(**{**settings.model_dump(), "amqp_url": nodes})
+    await login("u-dead-node", "s1", 0)
+    relay = Relay(relayed)
+    try:
+        # When the relay runs, then it reached the live node and published
+        assert await relay.drain() == 1
+        assert [b["type"] for b in await wait_for(events_out, 1)] == ["session.started"]
+    finally:
         await relay.stop()

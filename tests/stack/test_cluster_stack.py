@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sessiond.stack import postgres, postgres_cluster
 from sessiond.stack.cluster_config import ClusterConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -58,3 +62,58 @@ def test_env_reaches_every_node(local_cluster: ClusterConfig) -> None:
     db = env["SESSIOND_DATABASE_URL"]
     assert db.endswith("?target_session_attrs=read-write") and db.count(",") == 1
     assert Path(env["SESSIOND_AMQP_CA_FILE"]).is_file()
+
+
+def free_pair() -> int:
+    """A port whose successor is free too (the pair's primary and standby)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind(("127.0.0.1", 0))
+            port: int = a.getsockname()[1]
+            with socket.socket() as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_postgres_pair_fails_over_and_is_rebuilt_out_of_reach_of_postgres(tmp_path: Path) -> None:
+    # Given a stack directory under a 0700 parent, as /root/sessiond on Debian (we run as root)
+    assert os.geteuid() == 0, "the suite runs as root, as scripts/test does on Debian"
+    parent = tmp_path / "home"
+    parent.mkdir(mode=0o700)
+    parent.chmod(0o700)
+    cfg = ClusterConfig(root=parent / "sessiond" / ".stack" / "cluster", pg_port=free_pair())
+    primary, standby = cfg.postgres("primary"), cfg.postgres("standby")
+    try:
+        # When the pair comes up: the data lives where postgres can reach it, the standby streams
+        postgres_cluster.up(cfg)
+        assert postgres.home(primary).parent == postgres.VAR_BASE
+        roles = {n: s["role"] for n, s in postgres_cluster.status(cfg).items()}
+        assert roles == {"postgres-primary": "primary", "postgres-standby": "standby"}
+        sync = postgres.psql(primary, "SELECT sync_state FROM pg_stat_replication")
+        assert sync == "sync"
+        postgres.psql(primary, "CREATE TABLE kept (x int); INSERT INTO kept VALUES (1)")
+        # And the primary dies, the standby is promoted: it has the commit, and takes writes
+        pid = postgres_cluster.pid(primary)
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        postgres_cluster.promote(cfg)
+        assert postgres.psql(standby, "SELECT count(*) FROM kept") == "1"
+        postgres.psql(standby, "INSERT INTO kept VALUES (2)")  # no synchronous wait left
+        roles = {n: s["role"] for n, s in postgres_cluster.status(cfg).items()}
+        assert roles == {"postgres-primary": None, "postgres-standby": "primary"}
+        # Then the next up rebuilds the pair the other way round
+        postgres_cluster.up(cfg)
+        roles = {n: s["role"] for n, s in postgres_cluster.status(cfg).items()}
+        assert roles == {"postgres-primary": "standby", "postgres-standby": "primary"}
+        assert postgres.psql(primary, "SELECT count(*) FROM kept") == "2"
+    finally:
+        postgres_cluster.down(cfg)
+        for node in (primary, standby):
+            base = postgres.home(node)
+            if base.parent == postgres.VAR_BASE:
+                shutil.rmtree(base, ignore_errors=True)
+    assert not any(s["running"] for s in postgres_cluster.status(cfg).values())
