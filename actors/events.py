@@ -19,7 +19,7 @@ from actors.messages import RECORD_DEAD_LETTER
 from actors.runtime import Runtime
 from actors.topology import JOBS_QUEUE, actor_name
 from sessiond.events import Event, partition_queue
-from storage import block, db, revocation, state
+from storage import block, revocation, state
 from storage.activity import ActivityBuffer
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,6 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
     ) -> None:
         async def write() -> None:
             await state.audit(
-                db.conn(),
                 kind="dead_lettered",
                 source="ingress",
                 user_id=user_id,

@@ -11,18 +11,16 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from tortoise.backends.base.client import BaseDBAsyncClient
-
 from sessiond.config import get_settings
 from sessiond.events import Event
 from storage import forced, journal
 from storage.cache import Cache
+from storage.db import conn
 from storage.rows import Limits, Outcome, batch_order, touched
 from storage.unit_of_work import unit_of_work
 
 
 async def audit(
-    db: BaseDBAsyncClient,
     *,
     kind: str,
     source: str,
@@ -33,7 +31,7 @@ async def audit(
     """One audit entry outside any unit of work (e.g. a dead letter, whose event never applied)."""
     entry = journal.Journal()
     entry.record_audit(kind=kind, source=source, user_id=user_id, reason=reason, detail=detail)
-    await entry.flush(db)
+    await entry.flush(conn())
 
 
 async def apply_event(ev: Event, *, limits: Limits | None = None) -> Outcome:

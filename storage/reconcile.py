@@ -168,7 +168,7 @@ async def _marks(cache: Cache) -> tuple[int, int] | None:
     as far as that master fell behind. A master that holds none of the marks (more masters than
     shards, or an uneven slot split) could fall behind unseen: then no mark is trusted."""
     marks = cache.layout.reconcile_marks
-    if not _covered(cache, marks):
+    if not await _covered(cache, marks):
         return None
     raw = await mget(cache.client, list(marks))
     if any(value is None for value in raw):
@@ -177,10 +177,11 @@ async def _marks(cache: Cache) -> tuple[int, int] | None:
     return min(values), max(values)
 
 
-def _covered(cache: Cache, marks: Sequence[str]) -> bool:
+async def _covered(cache: Cache, marks: Sequence[str]) -> bool:
     client = cache.client
     if not cache.layout.cluster or not isinstance(client, RedisCluster):
         return True
+    await client.initialize()  # the slot map (a no-op once loaded)
     owners = {client.nodes_manager.get_node_from_slot(key_slot(m)).name for m in marks}
     return owners >= {node.name for node in client.get_primaries()}
 

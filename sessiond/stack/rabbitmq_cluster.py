@@ -11,9 +11,11 @@ then come from the cluster's own metadata).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +24,8 @@ from sessiond.stack.cluster_config import RABBIT_NODES, ClusterConfig
 from sessiond.stack.config import StackConfig
 from sessiond.stack.proc import StackError, read_pid, wait
 from sessiond.stack.tls import make_cert
+
+log = logging.getLogger(__name__)
 
 
 def name(n: int) -> str:
@@ -65,6 +69,25 @@ def _members(node: StackConfig) -> set[str]:
     return set(cluster_status(node).get("disk_nodes", []))
 
 
+def _start(node: StackConfig, attempts: int = 4) -> None:
+    """Starts one member, again if its boot fails: RabbitMQ 3.10 can stop a booting node with
+    ``incompatible_feature_flags`` / ``badrpc`` when the peer it syncs feature flags with is
+    itself still booting (seen here after a restart of all three at once); once the peer is up
+    the next boot succeeds. Only a boot that ended (``rabbitmq-server`` exited) is retried."""
+    for attempt in range(1, attempts + 1):
+        try:
+            rabbitmq.start(node)
+            return
+        except StackError as exc:
+            if attempt == attempts or "exited" not in exc.problem:
+                raise
+            log.warning(
+                "rabbitmq node boot failed; retrying",
+                extra={"node": node.rabbit_node, "attempt": attempt},
+            )
+            time.sleep(3)
+
+
 def up(cfg: ClusterConfig) -> None:
     """Idempotent: starts the nodes that are not running and joins the ones not yet clustered."""
     cookie = _cookie(cfg)
@@ -77,7 +100,7 @@ def up(cfg: ClusterConfig) -> None:
     # In parallel: each boot takes seconds of mostly waiting, and a restarted member waits for
     # its peers anyway.
     with ThreadPoolExecutor(max_workers=RABBIT_NODES) as pool:
-        for done in [pool.submit(rabbitmq.start, node) for node in nodes(cfg)]:
+        for done in [pool.submit(_start, node) for node in nodes(cfg)]:
             done.result()
     for node in others:
         if first.rabbit_node in _members(node):
