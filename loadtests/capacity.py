@@ -1,21 +1,19 @@
 """``python -m loadtests.capacity``: what one unit of work costs, as inputs to docs/capacity.md.
 
-On a shared 2-core machine requests/s swing with whatever else runs; CPU seconds consumed per
-unit of work and bytes stored per user or event hardly do. So every phase reads the CPU time
-(utime+stime, plus that of reaped children: ``/proc/<pid>/stat``) of each server's process tree
-before and after a fixed amount of work, subtracts the idle rate measured first, and divides:
+On a loaded machine requests/s are noise; CPU seconds per unit of work and bytes per user or
+event hardly move. Each phase reads the CPU time (utime+stime, with reaped children's:
+``/proc/<pid>/stat``) of every server's process tree before and after a fixed amount of work,
+less the idle rate measured first, and divides:
 
-1. logins: ``--users`` seed-form ``connected`` events (no ``session_id``) → CPU of the workers
-   (with their ingress), RabbitMQ, Redis, PostgreSQL per 1,000 events; bytes per connected user
-   in Redis (``used_memory`` delta and ``MEMORY USAGE`` of a user's keys) and in PostgreSQL.
-2. churn: ``--rounds`` x (a logout and a login per user) → the same per event, plus table, index
-   and WAL growth per event (the user count stays put, so this is what events add).
-3. ``/auth/check`` cache hits: ``--requests`` over the users' tokens (wrk, fixed count) → API,
-   Redis, PostgreSQL CPU per 1,000; then one ``sessiond flush`` (what the scheduler does every
-   few seconds: activity times and access audit rows into PostgreSQL), its cost per 1,000 too.
-4. ``/auth/check`` on the PostgreSQL fallback: Redis db flushed, each user's token once.
-
-``--cluster`` measures the same on the local cluster (``sessiond stack up --cluster``).
+1. logins: ``--users`` seed-form ``connected`` events (no ``session_id``): CPU per 1,000 events
+   of the partition workers, the ingress (a process of its own), RabbitMQ, Redis, PostgreSQL;
+   bytes per connected user in Redis (``used_memory`` delta, ``MEMORY USAGE``) and PostgreSQL.
+2. churn: ``--rounds`` x (a logout and a login per user): the same per event, and the tables'
+   and WAL's growth per event (the user count stays put).
+3. ``/auth/check`` cache hits, ``--requests`` over the users' tokens (wrk, fixed count), then one
+   ``sessiond flush`` (the scheduler's job: activity and access audit into PostgreSQL).
+4. ``/auth/check`` on the PostgreSQL fallback: Redis flushed, each user's token once.
+``--cluster``: the same on the local cluster (``sessiond stack up --cluster``).
 """
 
 from __future__ import annotations
@@ -33,12 +31,14 @@ from typing import Any, TypeVar
 
 import asyncpg
 
+from actors.topology import JOBS_QUEUE
 from loadtests import harness
 from loadtests.bench import stage_cluster
 from loadtests.bench.base import BenchBase
 from loadtests.bench.report import machine
 from loadtests.bench.tools import WRK_TOKENS_LUA, event, publish_batches, say, token, wrk
 from sessiond import stack
+from sessiond.cli import worker_argv
 from sessiond.stack import cluster, postgres
 from sessiond.stack.cluster_config import ClusterConfig
 from sessiond.stack.proc import read_pid
@@ -46,7 +46,7 @@ from storage import redis_conn
 from storage.keys import CLUSTER, SINGLE, user_key
 
 T = TypeVar("T")
-SERVERS = ("api", "worker", "rabbitmq", "redis", "postgres")
+SERVERS = ("api", "worker", "ingress", "rabbitmq", "redis", "postgres")
 
 SIZES = """
 SELECT c.relname AS name, pg_total_relation_size(c.oid) AS bytes FROM pg_class c
@@ -69,10 +69,10 @@ def tree_cpu(root: int) -> float:
     return total / ticks
 
 
-def server_roots(bench: BenchBase, on_cluster: bool) -> dict[str, list[int]]:
+def server_roots(bench: Capacity, on_cluster: bool) -> dict[str, list[int]]:
     """The root pid of every server process tree, by kind."""
-    assert bench.api is not None and bench.worker is not None
-    roots: dict[str, list[int]] = {"api": [bench.api.pid], "worker": [bench.worker.pid]}
+    assert bench.api is not None and bench.worker is not None and bench.ingress is not None
+    roots = {"api": [bench.api.pid], "worker": [bench.worker.pid], "ingress": [bench.ingress.pid]}
     if on_cluster:
         for name, info in cluster.status(ClusterConfig.from_env()).items():
             kind = name.split("-")[0]
@@ -97,11 +97,30 @@ class Capacity(BenchBase):
         self.layout = CLUSTER if self.settings.redis_cluster else SINGLE
         self.roots: dict[str, list[int]] = {}
         self.idle: dict[str, float] = {}
+        self.ingress: harness.Proc | None = None
+
+    def start(self) -> None:
+        """The ingress in a process of its own, to have its cost apart: the ingest queue has one
+        active consumer, so its ceiling is one process's."""
+        self.env["SESSIOND_INGRESS"] = "false"
+        super().start()
+        argv = [*worker_argv(1, 1, None), "--queues", JOBS_QUEUE]
+        env = {**self.env, "SESSIOND_INGRESS": "true"}
+        self.ingress = harness.Proc("ingress", argv, env, self.logs / "ingress.log").start()
+
+    def stop(self) -> None:
+        super().stop()
+        if self.ingress is not None:
+            self.ingress.stop()
 
     def cpu(self) -> dict[str, float]:
         return {kind: sum(tree_cpu(p) for p in self.roots.get(kind, [])) for kind in SERVERS}
 
     def measure_idle(self, seconds: float) -> None:
+        """Once the start-up is over: the ingress's tree under 5% of a core for a second."""
+        for _ in range(30):
+            if self.costed(lambda: time.sleep(1.0))[0]["ingress"] < 0.05:
+                break
         used, wall, _ = self.costed(lambda: time.sleep(seconds))
         self.idle = {k: v / wall for k, v in used.items()}
 
@@ -111,6 +130,7 @@ class Capacity(BenchBase):
         result = work()
         after, wall = self.cpu(), time.monotonic() - t
         used = {k: max(0.0, after[k] - before[k] - self.idle.get(k, 0.0) * wall) for k in SERVERS}
+        say(f"{wall:.1f} s of work (load average {harness.load_average()})")
         return used, wall, result
 
     def pg(self, query: str) -> list[asyncpg.Record]:
@@ -131,16 +151,13 @@ class Capacity(BenchBase):
             name = "audit_events" if r["name"].startswith("audit_events") else r["name"]
             row = out.setdefault(name, {"bytes": 0, "rows": 0, "data": 0})
             count = self.pg(ROWS.format(r["name"]))[0]  # names from pg_class, not input
-            row["bytes"] += int(r["bytes"])
-            row["rows"] += int(count["n"])
-            row["data"] += int(count["b"])
+            for key, value in (("bytes", r["bytes"]), ("rows", count["n"]), ("data", count["b"])):
+                row[key] += int(value)
         return out
 
-    def wal_lsn(self) -> str:
-        return str(self.pg("SELECT pg_current_wal_lsn()::text AS l")[0]["l"])
-
-    def wal_since(self, lsn: str) -> int:
-        return int(self.pg(f"SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}') AS d")[0]["d"])
+    def wal(self) -> int:
+        """Bytes of WAL written so far (the position of its end)."""
+        return int(self.pg("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0') AS d")[0]["d"])
 
     def redis(self, fn: Callable[[Any], Awaitable[T]]) -> T:
         async def run() -> T:
@@ -188,11 +205,11 @@ class Capacity(BenchBase):
         return used, wall
 
     def requests(self, users: list[str], n: int) -> tuple[dict[str, float], float, dict[str, Any]]:
-        tokens = harness.RESULTS / "capacity_tokens.txt"
+        tokens, script, marker = (
+            harness.RESULTS / f"capacity_{n}" for n in ("tokens", "lua", "done")
+        )
         tokens.write_text("\n".join(token(self.settings, u) for u in users) + "\n")
-        script = harness.RESULTS / "capacity_tokens.lua"
         script.write_text(WRK_TOKENS_LUA)
-        marker = harness.RESULTS / "capacity_wrk.done"
         marker.unlink(missing_ok=True)
         env = {"BENCH_TOKENS": str(tokens), "BENCH_REQUESTS": str(n), "BENCH_DONE": str(marker)}
         url = f"http://127.0.0.1:{self.api_port}/auth/check"
@@ -200,7 +217,6 @@ class Capacity(BenchBase):
             lambda: wrk(url, seconds=int(self.args.timeout), connections=self.args.connections,
                         script=script, env=env, done_marker=marker)
         )  # fmt: skip
-        marker.unlink(missing_ok=True)
         return used, wall, out
 
     def flush(self) -> tuple[dict[str, float], float, dict[str, Any]]:
@@ -213,14 +229,9 @@ class Capacity(BenchBase):
 
 
 def summary(
-    used: dict[str, float],
-    wall: float,
-    n: int,
-    *,
-    wal_bytes: int | None = None,
-    pg: dict[str, Any] | None = None,
-    wrk: dict[str, Any] | None = None,
+    used: dict[str, float], wall: float, n: int, wal_bytes: int | None = None, **extra: Any
 ) -> dict[str, Any]:
+    wrk, pg = extra.get("wrk"), extra.get("pg")  # wrk's answer, the phase's ``growth``
     out: dict[str, Any] = {"units": n, "wall_s": round(wall, 1), "per_s": round(n / wall),
                            "cpu_per_1k": per_k(used, n), "pg_per_unit": pg}  # fmt: skip
     if wal_bytes is not None:
@@ -249,59 +260,50 @@ def growth(a: dict[str, dict[str, int]], b: dict[str, dict[str, int]], n: int) -
 
 def seed_events(users: list[str], kinds: list[str], t0: datetime) -> list[bytes]:
     """Seed-form events (one implicit session per user), ``kinds`` in turn for every user."""
-    return [
-        json.dumps(event(kind, u, None, t0 + timedelta(milliseconds=k))).encode()
-        for k, kind in enumerate(kinds)
-        for u in users
-    ]
+    return [json.dumps(event(kind, u, None, t0 + timedelta(milliseconds=k))).encode()
+            for k, kind in enumerate(kinds) for u in users]  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    env = stage_cluster.cluster_env(args) if args.cluster else None
-    cap = Capacity(args, env=env)
+    cap = Capacity(args, env=stage_cluster.cluster_env(args) if args.cluster else None)
     users = [f"cap-{i:07d}" for i in range(args.users)]
     sample = users[:: max(1, len(users) // 200)]
     out: dict[str, Any] = {"load_average": {"start": harness.load_average()}}
     try:
         cap.start()
-        cap.roots = server_roots(cap, args.cluster)
-        out["roots"] = cap.roots
+        cap.roots = out["roots"] = server_roots(cap, args.cluster)
         cap.measure_idle(args.idle_s)
         out["idle_cpu_pct"] = {k: round(v * 100, 1) for k, v in cap.idle.items()}
         t0 = datetime.now(UTC) - timedelta(minutes=10)
         # 1. logins: everyone connected
-        s0, r0, lsn = cap.sizes(), cap.redis_used_memory(), cap.wal_lsn()
+        s0, r0, lsn = cap.sizes(), cap.redis_used_memory(), cap.wal()
         used, wall = cap.pipeline(seed_events(users, ["connected"], t0))
         s1, r1 = cap.sizes(), cap.redis_used_memory()
-        out["logins"] = summary(used, wall, len(users), wal_bytes=cap.wal_since(lsn))
-        out["per_user"] = {
-            "pg": growth(s0, s1, len(users)),
-            "redis_used_memory": round((r1 - r0) / len(users), 1),
-            "redis_memory_usage": cap.redis_key_bytes(sample),
-        }
-        say(f"logins done (load average {harness.load_average()})")
+        out["logins"] = summary(used, wall, len(users), wal_bytes=cap.wal() - lsn)
+        out["per_user"] = {"pg": growth(s0, s1, len(users)),
+                           "redis_used_memory": round((r1 - r0) / len(users), 1),
+                           "redis_memory_usage": cap.redis_key_bytes(sample)}  # fmt: skip
         # 2. churn: a logout and a login per user per round, everyone ends connected
         kinds = ["disconnected", "connected"] * args.rounds
         bodies = seed_events(users, kinds, t0 + timedelta(seconds=1))
-        lsn = cap.wal_lsn()
+        lsn = cap.wal()
         used, wall = cap.pipeline(bodies)
-        s2 = cap.sizes()
         n = len(bodies)
-        out["churn"] = summary(used, wall, n, wal_bytes=cap.wal_since(lsn), pg=growth(s1, s2, n))
+        out["churn"] = summary(
+            used, wall, n, wal_bytes=cap.wal() - lsn, pg=growth(s1, cap.sizes(), n)
+        )
         out["churn"]["redis_memory_usage"] = cap.redis_key_bytes(sample)
-        say(f"churn done (load average {harness.load_average()})")
         # 3. /auth/check cache hits, then the flush that stores what they left in Redis
         empty, _, _ = cap.flush()  # start-up cost of the CLI, which the scheduler does not pay
-        s3, lsn = cap.sizes(), cap.wal_lsn()
+        s3, lsn = cap.sizes(), cap.wal()
         used, wall, w = cap.requests(users, args.requests)
         done = int(w["requests"] or args.requests)
         fused, _, fl = cap.flush()
         fused["flush"] = max(0.0, fused["flush"] - empty["flush"])
-        out["auth_hit"] = summary(used, wall, done, wal_bytes=cap.wal_since(lsn),
+        out["auth_hit"] = summary(used, wall, done, wal_bytes=cap.wal() - lsn,
                                   pg=growth(s3, cap.sizes(), done), wrk=w)  # fmt: skip
         out["auth_hit"]["flush_cpu_per_1k"] = per_k(fused, done)
         out["auth_hit"]["flush"] = {k: fl.get(k) for k in ("activity_entries", "access_entries")}
-        say(f"auth hits done (load average {harness.load_average()})")
         # 4. the PostgreSQL fallback: nothing cached, each user once
         if args.miss:
             cap.redis(lambda c: c.flushdb())
@@ -316,15 +318,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def derive(res: dict[str, Any]) -> dict[str, Any]:
-    """The per-core rates docs/capacity.md sizes from."""
-    hit, churn = res["auth_hit"]["cpu_per_1k"], res["churn"]["cpu_per_1k"]
-    d: dict[str, Any] = {
-        "auth_rps_per_api_core": round(1000 / hit["api"]) if hit["api"] else None,
-        "events_per_s_per_worker_core": round(1000 / churn["worker"]) if churn["worker"] else None,
-    }
-    if "auth_miss" in res and res["auth_miss"]["cpu_per_1k"]["api"]:
-        d["miss_rps_per_api_core"] = round(1000 / res["auth_miss"]["cpu_per_1k"]["api"])
-    return d
+    """The per-core rates docs/capacity.md sizes from: units per CPU second."""
+    out: dict[str, Any] = {}
+    for name, phase, server in (("auth_rps_per_api_core", "auth_hit", "api"),
+                                ("miss_rps_per_api_core", "auth_miss", "api"),
+                                ("events_per_s_per_worker_core", "churn", "worker"),
+                                ("events_per_s_per_ingress_core", "churn", "ingress")):  # fmt: skip
+        cpu = res.get(phase, {}).get("cpu_per_1k", {}).get(server)
+        out[name] = round(1000 / cpu) if cpu else None
+    return out
 
 
 def render(res: dict[str, Any]) -> str:
@@ -342,9 +344,10 @@ def render(res: dict[str, Any]) -> str:
     d, pu = res["derived"], res["per_user"]
     lines += [
         "",
-        f"/auth/check hits per API core-second: {d['auth_rps_per_api_core']}"
-        + (f"; PG fallback: {d['miss_rps_per_api_core']}" if "miss_rps_per_api_core" in d else ""),
-        f"events per worker core-second: {d['events_per_s_per_worker_core']}",
+        f"/auth/check hits per API core-second: {d['auth_rps_per_api_core']}; PG fallback: "
+        f"{d['miss_rps_per_api_core']}",
+        f"events per worker core-second: {d['events_per_s_per_worker_core']}; per ingress "
+        f"core-second: {d['events_per_s_per_ingress_core']}",
         f"per connected user: Redis used_memory {pu['redis_used_memory']} B, MEMORY USAGE "
         f"{pu['redis_memory_usage']}; PostgreSQL {pu['pg']['total_bytes']} B",
         f"per churn event: PostgreSQL {res['churn']['pg_per_unit']['total_bytes']} B, "
@@ -360,17 +363,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m loadtests.capacity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--name", default="sessiond_capacity", help="vhost and database")
-    p.add_argument("--redis-db", type=int, default=9)
-    p.add_argument("--workers", type=int, default=2, help="API workers")
-    p.add_argument("--processes", type=int, default=2, help="worker processes")
-    p.add_argument("--threads", type=int, default=8)
-    p.add_argument("--connections", type=int, default=32)
-    p.add_argument("--users", type=int, default=5000)
-    p.add_argument("--rounds", type=int, default=2, help="logout+login rounds per user")
-    p.add_argument("--requests", type=int, default=50_000)
+    for flag, default, what in (("--redis-db", 9, "Redis db"), ("--workers", 2, "API workers"),
+                                ("--processes", 2, "partition worker processes"),
+                                ("--threads", 8, "their threads"), ("--connections", 32, "wrk's"),
+                                ("--users", 5000, "connected users"),
+                                ("--rounds", 2, "logout+login rounds per user"),
+                                ("--requests", 50_000, "cache hits"), ("--idle-s", 5, "idle s"),
+                                ("--timeout", 180, "bound of each phase (s)")):  # fmt: skip
+        p.add_argument(flag, type=int, default=default, help=what)
     p.add_argument("--no-miss", dest="miss", action="store_false", help="skip phase 4")
-    p.add_argument("--idle-s", type=float, default=5.0)
-    p.add_argument("--timeout", type=float, default=180.0, help="bound of each phase (s)")
     p.add_argument("--cluster", action="store_true", help="on the local cluster")
     p.add_argument("--json-out", type=Path, default=None)
     return p.parse_args(argv)
@@ -390,8 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     res["table"] = render(res)
     name = "capacity_cluster.json" if args.cluster else "capacity.json"
     (args.json_out or harness.RESULTS / name).write_text(json.dumps(res, indent=2))
-    say(res["table"])
-    say(f"total {res['total_s']} s")
+    say(f"{res['table']}\ntotal {res['total_s']} s")
     print(json.dumps(res))
     return 0
 
