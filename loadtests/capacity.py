@@ -55,8 +55,7 @@ ROWS = 'SELECT count(*) AS n, coalesce(sum(pg_column_size(t.*)), 0) AS b FROM "{
 
 
 def tree_cpu(root: int) -> float:
-    """CPU seconds of ``root`` and its living descendants, with what each has reaped: a backend
-    or worker that ends between two readings is still counted (in its parent's cutime)."""
+    """CPU s of ``root`` and descendants, with reaped children's (a backend that ended counts)."""
     ticks = float(os.sysconf("SC_CLK_TCK"))
     total = 0
     for pid in [root, *harness.descendants(root)]:
@@ -69,7 +68,6 @@ def tree_cpu(root: int) -> float:
 
 
 def server_roots(bench: Capacity, on_cluster: bool) -> dict[str, list[int]]:
-    """The root pid of every server process tree, by kind."""
     assert bench.api is not None and bench.worker is not None and bench.ingress is not None
     roots = {"api": [bench.api.pid], "worker": [bench.worker.pid], "ingress": [bench.ingress.pid]}
     if on_cluster:
@@ -117,11 +115,14 @@ class Capacity(BenchBase):
         out = {kind: sum(tree_cpu(p) for p in self.roots.get(kind, [])) for kind in SERVERS}
         return {**out, "redis_cmds": self.redis_info("total_commands_processed")}
 
-    def measure_idle(self, seconds: float) -> None:
-        """Once the start-up is over: the ingress's tree under 5% of a core for a second."""
+    def settle(self, kind: str) -> None:
+        """Until ``kind`` is under 5% of a core for a second (start-up, reconciler), <= 30 s."""
         for _ in range(30):
-            if self.costed(lambda: time.sleep(1.0))[0]["ingress"] < 0.05:
+            if self.costed(lambda: time.sleep(1.0))[0][kind] < 0.05:
                 break
+
+    def measure_idle(self, seconds: float) -> None:
+        self.settle("ingress")
         used, wall, _ = self.costed(lambda: time.sleep(seconds))
         self.idle = {k: v / wall for k, v in used.items()}
 
@@ -171,8 +172,6 @@ class Capacity(BenchBase):
         return self.loop.run(run())
 
     def redis_info(self, field: str) -> int:
-        """``field`` of INFO, summed over the masters on a cluster."""
-
         async def read(client: Any) -> int:
             if not self.settings.redis_cluster:
                 return int((await client.info())[field])
@@ -231,9 +230,9 @@ class Capacity(BenchBase):
 def summary(
     used: dict[str, float], wall: float, n: int, wal_bytes: int | None = None, **extra: Any
 ) -> dict[str, Any]:
-    wrk, pg = extra.get("wrk"), extra.get("pg")  # wrk's answer, the phase's ``growth``
-    out: dict[str, Any] = {"units": n, "wall_s": round(wall, 1), "per_s": round(n / wall),
-                           "cpu_per_1k": per_k(used, n), "pg_per_unit": pg}  # fmt: skip
+    wrk = extra.get("wrk")  # wrk's answer; ``pg``: the phase's ``growth``
+    out = {"units": n, "wall_s": round(wall, 1), "per_s": round(n / wall),
+           "cpu_per_1k": per_k(used, n), "pg_per_unit": extra.get("pg")}  # fmt: skip
     if wal_bytes is not None:
         out["wal_bytes_per_unit"] = round(wal_bytes / n, 1)
     if wrk is not None:
@@ -246,8 +245,7 @@ def per_k(used: dict[str, float], n: int) -> dict[str, float]:
 
 
 def growth(a: dict[str, dict[str, int]], b: dict[str, dict[str, int]], n: int) -> dict[str, Any]:
-    """Per unit of work: bytes on disk added, rows added, row data added, by table; and each
-    table's mean row data size (without the 28-byte tuple header and line pointer)."""
+    """Per unit: bytes on disk, rows, row data added by table; mean row data (no 28 B header)."""
     out: dict[str, Any] = {}
     for t, after in b.items():
         d = {k: after[k] - a.get(t, {}).get(k, 0) for k in ("bytes", "rows", "data")}
@@ -295,6 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["churn"]["redis_memory_usage"] = cap.redis_key_bytes(sample)
         # 3. /auth/check cache hits, then the flush that stores what they left in Redis
         empty, _, _ = cap.flush()  # start-up cost of the CLI, which the scheduler does not pay
+        cap.settle("api")
         s3, lsn = cap.sizes(), cap.wal()
         used, wall, w = cap.requests(users, args.requests)
         done = int(w["requests"] or args.requests)
