@@ -22,13 +22,16 @@ FIXED_SEED = 20261263
 MINUTES = 0.15  # new histories start for 9 s; with set-up, tails and the final check, ~1 min
 
 
-def run_checker(seed: int) -> subprocess.CompletedProcess[str]:
+def run_checker(
+    seed: int, *, minutes: float = MINUTES, cluster: bool = False
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "tests.model", "--minutes", str(minutes), "--seed", str(seed)]
     return subprocess.run(
-        [sys.executable, "-m", "tests.model", "--minutes", str(MINUTES), "--seed", str(seed)],
+        argv + (["--cluster"] if cluster else []),
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=240 if not cluster else 400,
     )
 
 
