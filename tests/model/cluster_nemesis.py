@@ -102,7 +102,7 @@ class ClusterNemesis(Nemesis):
         roles = [s["role"] for s in postgres_cluster.status(cfg).values()]
         if "primary" not in roles:
             postgres_cluster.promote(cfg)
-        if sorted(roles) != ["primary", "standby"]:
+        if set(roles) != {"primary", "standby"}:  # a server down (role None) or not streaming
             postgres_cluster.up(cfg)
         if not all(rabbitmq.running(node) for node in rabbitmq_cluster.nodes(cfg)):
             rabbitmq_cluster.up(cfg)

@@ -23,15 +23,11 @@ MINUTES = 0.15  # new histories start for 9 s; with set-up, tails and the final 
 
 
 def run_checker(
-    seed: int, *, minutes: float = MINUTES, cluster: bool = False
+    seed: int, *, minutes: float = MINUTES, extra: tuple[str, ...] = (), timeout: float = 240
 ) -> subprocess.CompletedProcess[str]:
     argv = [sys.executable, "-m", "tests.model", "--minutes", str(minutes), "--seed", str(seed)]
     return subprocess.run(
-        argv + (["--cluster"] if cluster else []),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240 if not cluster else 400,
+        [*argv, *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 
