@@ -15,14 +15,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sessiond.stack.config import StackConfig
+from sessiond.stack.config import StackConfig, env_port
 
 RABBIT_NODES = 3
 REDIS_NODES = 6  # 3 masters + 1 replica each
-
-
-def _port(name: str, default: int) -> int:
-    return int(os.environ.get(f"SESSIOND_STACK_{name}_PORT", default))
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,12 +38,12 @@ class ClusterConfig:
         stack_root = Path(os.environ.get("SESSIOND_STACK_DIR", ".stack")).resolve()
         return cls(
             root=stack_root / "cluster",
-            amqp_port=_port("CLUSTER_AMQP", 5681),
-            amqps_port=_port("CLUSTER_AMQPS", 5691),
-            mgmt_port=_port("CLUSTER_MGMT", 15681),
-            dist_port=_port("CLUSTER_DIST", 25681),
-            redis_port=_port("REDIS_CLUSTER", 7000),
-            pg_port=_port("CLUSTER_PG", 5442),
+            amqp_port=env_port("CLUSTER_AMQP", 5681),
+            amqps_port=env_port("CLUSTER_AMQPS", 5691),
+            mgmt_port=env_port("CLUSTER_MGMT", 15681),
+            dist_port=env_port("CLUSTER_DIST", 25681),
+            redis_port=env_port("REDIS_CLUSTER", 7000),
+            pg_port=env_port("CLUSTER_PG", 5442),
         )
 
     @property

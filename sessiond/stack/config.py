@@ -12,7 +12,8 @@ VHOSTS = ("sessiond", "sessiond_test")
 DATABASES = ("sessiond", "sessiond_test")
 
 
-def _port(name: str, default: int) -> int:
+def env_port(name: str, default: int) -> int:
+    """``SESSIOND_STACK_<NAME>_PORT``, so that several stacks (and clusters) share one host."""
     return int(os.environ.get(f"SESSIOND_STACK_{name}_PORT", default))
 
 
@@ -35,12 +36,12 @@ class StackConfig:
         root = Path(os.environ.get("SESSIOND_STACK_DIR", ".stack")).resolve()
         return cls(
             root=root,
-            amqp_port=_port("AMQP", 5672),
-            amqps_port=_port("AMQPS", 5671),
-            mgmt_port=_port("MGMT", 15672),
-            dist_port=_port("DIST", 25672),
-            redis_port=_port("REDIS", 6379),
-            pg_port=_port("PG", 5432),
+            amqp_port=env_port("AMQP", 5672),
+            amqps_port=env_port("AMQPS", 5671),
+            mgmt_port=env_port("MGMT", 15672),
+            dist_port=env_port("DIST", 25672),
+            redis_port=env_port("REDIS", 6379),
+            pg_port=env_port("PG", 5432),
         )
 
     @property
