@@ -16,7 +16,9 @@ longer a standby of the live primary is wiped and cloned again from it.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,18 @@ def down(cfg: ClusterConfig) -> None:
     primary, other = _order(cfg)
     postgres.stop(other)
     postgres.stop(primary)
+
+
+def kill_primary(cfg: ClusterConfig) -> int:
+    """SIGKILLs the running primary's postmaster, as a crash would (its backends notice and
+    exit); returns its pid."""
+    for place in PLACES:
+        node = cfg.postgres(place)
+        found = pid(node)
+        if found is not None and role(node) == "primary":
+            os.kill(found, signal.SIGKILL)
+            return found
+    raise StackError("postgres-primary", "no running primary to kill")
 
 
 def promote(cfg: ClusterConfig) -> StackConfig:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -142,16 +140,6 @@ async def test_rabbitmq_node_sigkilled_mid_stream_loses_no_confirmed_event(
     assert servers["rabbitmq-2"]["running"] and servers["rabbitmq-3"]["running"]
 
 
-def kill_primary(cfg: ClusterConfig) -> int:
-    for place in postgres_cluster.PLACES:
-        node = cfg.postgres(place)
-        pid = postgres_cluster.pid(node)
-        if pid is not None and postgres_cluster.role(node) == "primary":
-            os.kill(pid, signal.SIGKILL)  # the postmaster; its backends notice and exit
-            return pid
-    raise AssertionError("no running primary")
-
-
 async def test_postgres_primary_sigkilled_standby_promoted(
     cluster_clean: Settings,
     cluster_env: dict[str, str],
@@ -172,7 +160,7 @@ async def test_postgres_primary_sigkilled_standby_promoted(
     # When the primary is SIGKILLed mid-stream (every commit acknowledged so far is on the
     # synchronous standby too) and the standby is promoted, as a failover manager would
     acknowledged = await applied(settings, stream)
-    kill_primary(local_cluster)
+    postgres_cluster.kill_primary(local_cluster)
     assert acknowledged < len(stream.events)
     time.sleep(1)
     promoted = postgres_cluster.promote(local_cluster)

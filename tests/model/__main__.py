@@ -1,9 +1,10 @@
 """``python -m tests.model --minutes N --seed S``: the model checker of the running system.
 
 Needs the local stack of this checkout (``sessiond stack up``, with the worktree's
-``SESSIOND_STACK_*`` ports). Prints histories run, requests checked, faults injected by kind, and
-every violation with the operations around it and the seed that reproduces it; exits 1 on any
-violation.
+``SESSIOND_STACK_*`` ports); with ``--cluster``, the local cluster (``sessiond stack up
+--cluster``, started when it is not running) and the cluster's faults. Prints histories run,
+requests checked, faults injected by kind, and every violation with the operations around it and
+the seed that reproduces it; exits 1 on any violation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from sessiond.logs import setup_logging
-from tests.model.generator import FAULT_KINDS
+from tests.model.generator import CLUSTER_FAULT_KINDS, FAULT_KINDS
 from tests.model.runner import Report, RunConfig, run
 
 
@@ -27,7 +28,8 @@ def render(report: Report) -> str:
     )
     faults = ", ".join(f"{k}: {n}" for k, n in sorted(report.faults.items())) or "none"
     lines = [
-        f"model checker: seed {cfg.seed}, {cfg.minutes:g} min, {report.seconds:.0f} s in all",
+        f"model checker: seed {cfg.seed}, {cfg.minutes:g} min, {report.seconds:.0f} s in all"
+        + (" (local cluster)" if cfg.cluster else ""),
         f"histories run: {report.histories}",
         f"requests checked: {sum(report.requests.values())} ({statuses})",
         f"faults injected: {sum(report.faults.values())} ({faults})",
@@ -50,7 +52,7 @@ def render(report: Report) -> str:
         faults_arg = ",".join(cfg.faults) if cfg.faults else "none"
         lines.append(
             f"reproduce: python -m tests.model --minutes {cfg.minutes:g} --seed {cfg.seed}"
-            f" --faults {faults_arg}"
+            f"{' --cluster' if cfg.cluster else ''} --faults {faults_arg}"
         )
     return "\n".join(lines)
 
@@ -62,16 +64,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, default=8, help="histories stepping at once")
     p.add_argument("--api-workers", type=int, default=2)
     p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run on the local cluster (sessiond stack up --cluster) with its own faults",
+    )
+    p.add_argument(
         "--faults",
-        default=",".join(FAULT_KINDS),
-        help=f"comma-separated nemesis actions, or 'none' (default: {','.join(FAULT_KINDS)})",
+        default=None,
+        help=f"comma-separated nemesis actions, or 'none' (default: {','.join(FAULT_KINDS)};"
+        f" with --cluster: {','.join(CLUSTER_FAULT_KINDS)})",
     )
     args = p.parse_args(argv)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 10**6)
-    faults = () if args.faults == "none" else tuple(f for f in args.faults.split(",") if f)
-    unknown = set(faults) - set(FAULT_KINDS)
+    known = CLUSTER_FAULT_KINDS if args.cluster else FAULT_KINDS
+    chosen = ",".join(known) if args.faults is None else args.faults
+    faults = () if chosen == "none" else tuple(f for f in chosen.split(",") if f)
+    unknown = set(faults) - set(known)
     if unknown:
-        p.error(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULT_KINDS)}")
+        p.error(f"unknown faults {sorted(unknown)}; known: {', '.join(known)}")
     setup_logging("WARNING")
     # The publisher's reconnects while the nemesis restarts RabbitMQ are expected, not news.
     logging.getLogger("pika").setLevel(logging.CRITICAL)
@@ -83,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             concurrency=args.concurrency,
             api_workers=args.api_workers,
             faults=faults,
+            cluster=args.cluster,
         )
     )
     print(render(report), flush=True)

@@ -142,6 +142,10 @@ class FaultPlan:
 
 
 FAULT_KINDS: tuple[str, ...] = ("kill_worker", "restart_rabbitmq", "pause_redis", "stop_postgres")
+# On the local cluster (tests.model.cluster_nemesis): one node of a kind at a time, crashed.
+CLUSTER_FAULT_KINDS: tuple[str, ...] = (
+    "kill_worker", "kill_rabbitmq", "pause_redis", "kill_redis", "failover_postgres",
+)  # fmt: skip
 
 
 def fault_plan(seed: int, index: int, kinds: tuple[str, ...] = FAULT_KINDS) -> FaultPlan:
@@ -158,5 +162,8 @@ def fault_plan(seed: int, index: int, kinds: tuple[str, ...] = FAULT_KINDS) -> F
         "restart_rabbitmq": 0.0,  # the stop and the start take what they take
         "pause_redis": rng.choice([3.0, 6.0, 12.0, 16.0]),
         "stop_postgres": rng.uniform(2.0, 8.0),
+        "kill_rabbitmq": rng.uniform(2.0, 10.0),  # dead, then restarted
+        "kill_redis": 0.0,  # restarted once its replica took over, however long that takes
+        "failover_postgres": rng.uniform(1.0, 4.0),  # primary dead until the promotion
     }.get(kind, 1.0)
     return FaultPlan(kind=kind, after=after, seconds=seconds)

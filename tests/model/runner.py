@@ -22,9 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sessiond import stack
 from tests.model.checker import Bounds, Checker, Fault, PgUser, Request, Violation, deadline
 from tests.model.client import Http, Publisher, Recorder, mint
+from tests.model.cluster_system import system_for
 from tests.model.generator import FAULT_KINDS, History, Probe, Step, history
 from tests.model.model import Op
 from tests.model.nemesis import Nemesis
@@ -45,6 +45,7 @@ class RunConfig:
     concurrency: int = 8
     api_workers: int = 2
     faults: tuple[str, ...] = FAULT_KINDS
+    cluster: bool = False  # the local cluster (tests.model.cluster_system), not the stack
 
 
 @dataclass
@@ -297,7 +298,7 @@ def run(cfg: RunConfig, logs: Path | None = None) -> Report:
     started = time.monotonic()
     run_tag = f"s{cfg.seed}"
     logs = logs or ROOT / "results" / "model" / run_tag
-    system = System(stack.StackConfig.from_env(), logs)
+    system = system_for(logs, cluster=cfg.cluster)
     settings = system.prepare()
     prepared = time.monotonic()
     system.start(api_workers=cfg.api_workers)
@@ -364,7 +365,7 @@ async def _run_async(
 ) -> tuple[float, dict[str, PgUser], int, bool]:
     assert system.worker is not None
     ctx = Context(Http("127.0.0.1", system.port), publisher, recorder, bounds)
-    nemesis = Nemesis(system.cfg, system.worker, recorder, seed=cfg.seed, kinds=cfg.faults)
+    nemesis = system.nemesis(recorder, seed=cfg.seed, kinds=cfg.faults)
     began = time.monotonic()
     count = await play_all(cfg, ctx, nemesis, run_tag)
     played = time.monotonic()

@@ -28,8 +28,8 @@ from sessiond import stack
 from sessiond.config import Settings
 from storage import db, redis_conn
 from tests.model.checker import PgUser
-from tests.model.client import Http
-from tests.model.nemesis import Service
+from tests.model.client import Http, Recorder
+from tests.model.nemesis import Nemesis, Service
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "sessiond_model"
@@ -80,18 +80,36 @@ class System:
         seconds to boot its Erlang VM."""
         data = None if body is None else json.dumps(body).encode()
         auth = base64.b64encode(f"{USER}:{stack.PASSWORD}".encode()).decode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.cfg.mgmt_port}/api/{path}",
-            data=data,
-            method=method,
-            headers={
-                "Authorization": f"Basic {auth}",
-                "Content-Type": "application/json",
-            },
-        )
-        with urllib.request.urlopen(req, timeout=10) as reply:  # noqa: S310 - 127.0.0.1
-            raw = reply.read()
-        return json.loads(raw) if raw else None
+        failed: OSError | None = None
+        for port in self.mgmt_ports():
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/api/{path}",
+                data=data,
+                method=method,
+                headers={
+                    "Authorization": f"Basic {auth}",
+                    "Content-Type": "application/json",
+                },
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=10) as reply:  # noqa: S310 - 127.0.0.1
+                    raw = reply.read()
+            except urllib.error.HTTPError:
+                raise  # the broker answered: no other node would answer otherwise
+            except OSError as exc:  # this node is down: the next one
+                failed = exc
+                continue
+            return json.loads(raw) if raw else None
+        assert failed is not None
+        raise failed
+
+    def mgmt_ports(self) -> list[int]:
+        """Where the management API may answer (the cluster: any live node)."""
+        return [self.cfg.mgmt_port]
+
+    def nemesis(self, recorder: Recorder, *, seed: int, kinds: tuple[str, ...]) -> Nemesis:
+        assert self.worker is not None
+        return Nemesis(self.cfg, self.worker, recorder, seed=seed, kinds=kinds)
 
     def prepare(self) -> Settings:
         """Stack up, a fresh vhost/database/Redis db, the schema from the migrations."""
@@ -110,6 +128,17 @@ class System:
             + f"/{NAMESPACE}",
         }
         asyncio.run(self._create_db(env["SESSIOND_DATABASE_URL"]))
+        settings = Settings(
+            amqp_url=urls["SESSIOND_AMQP_URL"],
+            amqp_ca_file=urls["SESSIOND_AMQP_CA_FILE"],
+            redis_url=urls["SESSIOND_REDIS_URL"],
+            database_url=urls["SESSIOND_DATABASE_URL"],
+            jwt_secret=JWT_SECRET,
+        )
+        return self.install(urls, settings)
+
+    def install(self, urls: dict[str, str], settings: Settings) -> Settings:
+        """The processes' environment and an empty, migrated database and Redis."""
         self.port = free_port()
         self.env = {
             **{
@@ -121,17 +150,14 @@ class System:
             **PROCESS_ENV,
             "SESSIOND_API_PORT": str(self.port),
         }
-        self.settings = Settings(
-            amqp_url=urls["SESSIOND_AMQP_URL"],
-            amqp_ca_file=urls["SESSIOND_AMQP_CA_FILE"],
-            redis_url=urls["SESSIOND_REDIS_URL"],
-            database_url=urls["SESSIOND_DATABASE_URL"],
-            jwt_secret=JWT_SECRET,
-        )
+        self.settings = settings
         asyncio.run(self._reset_db())
-        redis_conn.connect_sync(self.settings).flushdb()
-        asyncio.run(db.migrate(self.settings))
-        return self.settings
+        self.flush_redis(settings)
+        asyncio.run(db.migrate(settings))
+        return settings
+
+    def flush_redis(self, settings: Settings) -> None:
+        redis_conn.connect_sync(settings).flushdb()
 
     async def _create_db(self, url: str) -> None:
         conn = await asyncpg.connect(url)

@@ -22,13 +22,12 @@ FIXED_SEED = 20261263
 MINUTES = 0.15  # new histories start for 9 s; with set-up, tails and the final check, ~1 min
 
 
-def run_checker(seed: int) -> subprocess.CompletedProcess[str]:
+def run_checker(
+    seed: int, *, minutes: float = MINUTES, extra: tuple[str, ...] = (), timeout: float = 240
+) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "tests.model", "--minutes", str(minutes), "--seed", str(seed)]
     return subprocess.run(
-        [sys.executable, "-m", "tests.model", "--minutes", str(MINUTES), "--seed", str(seed)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=240,
+        [*argv, *extra], cwd=ROOT, capture_output=True, text=True, timeout=timeout
     )
 
 
