@@ -47,6 +47,8 @@ from sessiond.stamps import Clock, publisher_stamp, timestamp_of, utc_now
 log = logging.getLogger(__name__)
 
 SKEW_WARNING = timedelta(seconds=1)
+MAX_RESTART_S = 15.0
+MAX_RECONNECT_S = 2.0
 
 
 class QueueMismatch(SessiondError):
@@ -101,9 +103,16 @@ class Ingress(threading.Thread):
         self.join(timeout)
 
     def run(self) -> None:
+        """Restarts after any failure with a growing delay (0.5 s doubling to ``MAX_RESTART_S``),
+        so that a failure that repeats costs a retry now and then, not a busy loop. A broker
+        that is away is retried every ``MAX_RECONNECT_S`` at most: waiting longer buys nothing
+        (a refused connection costs nothing) and every second of it is a second that events
+        published as soon as RabbitMQ is back wait in the ingest queue (docs/reliability.md,
+        "late, not lost")."""
         delay = 0.5
         while not self.stopping.is_set():
             self._committed = False
+            cap = MAX_RESTART_S
             try:
                 self._consume()
                 delay = 0.5
@@ -113,6 +122,8 @@ class Ingress(threading.Thread):
             except QueueMismatch as exc:
                 log.error("ingress cannot declare its queue", extra={"detail": str(exc)})
             except (pika.exceptions.AMQPError, OSError) as exc:
+                cap = MAX_RECONNECT_S
+                delay = min(delay, cap)
                 log.warning(
                     "ingress lost RabbitMQ; reconnecting",
                     extra={"error": repr(exc), "retry_in_s": delay},
@@ -122,7 +133,7 @@ class Ingress(threading.Thread):
             if self._committed:
                 delay = 0.5  # it worked for a while: the next failure is a new one
             self.stopping.wait(delay)
-            delay = min(delay * 2, 15.0)
+            delay = min(delay * 2, cap)
 
     def _declare(self, ch: Any) -> None:
         try:

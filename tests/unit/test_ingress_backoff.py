@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 
+import pika.exceptions
+
 from actors.ingress import Ingress
 from sessiond.config import Settings
 
@@ -25,16 +27,23 @@ class Recorder(threading.Event):
 
 
 class Failing(Ingress):
-    def __init__(self, stopping: Recorder, *, commits: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        stopping: Recorder,
+        *,
+        commits: frozenset[int] = frozenset(),
+        error: Exception | None = None,
+    ) -> None:
         super().__init__(Settings(), [])
         self.stopping = stopping
         self.commits = commits
+        self.error = error or RuntimeError("a bug that fails every time")
         self.calls = 0
 
     def _consume(self) -> None:
         self.calls += 1
         self._committed = self.calls in self.commits
-        raise RuntimeError("a bug that fails every time")
+        raise self.error
 
 
 def test_restarts_back_off_exponentially_up_to_15_s() -> None:
@@ -47,3 +56,24 @@ def test_a_session_that_committed_starts_the_backoff_again() -> None:
     stopping = Recorder(limit=5)
     Failing(stopping, commits=frozenset({3})).run()
     assert stopping.pauses == [0.5, 1.0, 0.5, 1.0, 2.0]
+
+
+def test_an_unreachable_broker_is_retried_every_2_s_at_most() -> None:
+    # Events published as soon as RabbitMQ is back wait in the ingest queue for as long as the
+    # ingress still sleeps: after a 30 s outage a 15 s pause made them 15 s late.
+    stopping = Recorder(limit=6)
+    Failing(stopping, error=pika.exceptions.AMQPConnectionError("refused")).run()
+    assert stopping.pauses == [0.5, 1.0, 2.0, 2.0, 2.0, 2.0]
+
+
+def test_a_bug_after_an_outage_backs_off_further() -> None:
+    class Mixed(Failing):
+        def _consume(self) -> None:
+            self.calls += 1
+            if self.calls <= 4:
+                raise pika.exceptions.AMQPConnectionError("refused")
+            raise RuntimeError("a bug that fails every time")
+
+    stopping = Recorder(limit=7)
+    Mixed(stopping).run()
+    assert stopping.pauses == [0.5, 1.0, 2.0, 2.0, 2.0, 4.0, 8.0]
