@@ -103,12 +103,10 @@ class Ingress(threading.Thread):
         self.join(timeout)
 
     def run(self) -> None:
-        """Restarts after any failure with a growing delay (0.5 s doubling to ``MAX_RESTART_S``),
-        so that a failure that repeats costs a retry now and then, not a busy loop. A broker
-        that is away is retried every ``MAX_RECONNECT_S`` at most: waiting longer buys nothing
-        (a refused connection costs nothing) and every second of it is a second that events
-        published as soon as RabbitMQ is back wait in the ingest queue (docs/reliability.md,
-        "late, not lost")."""
+        """Restarts after a failure with a delay doubling from 0.5 s to ``MAX_RESTART_S`` (a
+        failure that repeats is no busy loop); a broker that is away is retried every
+        ``MAX_RECONNECT_S`` at most, as events published once it is back wait in the ingest
+        queue meanwhile (docs/reliability.md, "late, not lost")."""
         delay = 0.5
         while not self.stopping.is_set():
             self._committed = False
