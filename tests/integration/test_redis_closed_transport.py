@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 
-import pytest
 import redis.asyncio as aioredis
 import uvloop
 from redis.asyncio import Connection
@@ -67,36 +66,3 @@ def test_the_client_still_answers_after_the_error(settings: Settings) -> None:
             await client.aclose()
 
     assert uvloop.run(run())
-
-
-@pytest.mark.parametrize("name", ["writelines", "drain"])
-def test_a_cleared_writer_is_a_connection_error_too(settings: Settings, name: str) -> None:
-    """The other form of the same race: another task's disconnect cleared the writer."""
-
-    async def run() -> BaseException | None:
-        conn = _single(settings).connection_pool.make_connection()  # type: ignore[no-untyped-call]
-        await conn.connect()  # type: ignore[no-untyped-call]
-
-        class Gone:
-            """A writer whose ``name`` is gone, as on the ``None`` another task's disconnect
-            left; everything else a no-op, so the driver's own clean-up runs."""
-
-            def __getattr__(self, attr: str) -> object:
-                if attr == name:
-                    raise AttributeError(attr, name=attr, obj=None)
-                if attr == "wait_closed":
-                    return lambda: asyncio.sleep(0)
-                return lambda *args, **kwargs: None
-
-        conn._writer = Gone()  # type: ignore[assignment]
-        try:
-            await conn.send_packed_command(PING, check_health=False)
-        except BaseException as exc:
-            return exc
-        finally:
-            conn._writer = None
-            await conn.disconnect()
-        return None
-
-    exc = uvloop.run(run())
-    assert isinstance(exc, RedisConnectionError), repr(exc)
