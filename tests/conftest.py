@@ -130,9 +130,9 @@ def settings(test_env: dict[str, str]) -> Settings:
     return get_settings()
 
 
-@pytest.fixture(scope="session")
-def migrated(settings: Settings) -> Settings:
-    """A test database rebuilt from the migrations, exactly as production gets its schema."""
+def rebuild_schema(settings: Settings) -> None:
+    """Drops the test database's schema and builds it again from the migrations, exactly as
+    production gets its schema (the single-node stack's and the cluster's alike)."""
 
     async def rebuild() -> None:
         conn = await asyncpg.connect(settings.database_url)
@@ -143,6 +143,12 @@ def migrated(settings: Settings) -> Settings:
         await db_mod.migrate(settings)
 
     asyncio.run(rebuild())
+
+
+@pytest.fixture(scope="session")
+def migrated(settings: Settings) -> Settings:
+    """A test database rebuilt from the migrations, once per session."""
+    rebuild_schema(settings)
     return settings
 
 

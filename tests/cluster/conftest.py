@@ -7,19 +7,16 @@ nor another checkout's cluster.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 from sessiond.config import Settings
 from sessiond.stack import cluster, redis_cluster
 from sessiond.stack.cluster_config import ClusterConfig
-from storage import db as db_mod
-from tests.conftest import Amqp, all_queues, truncate
+from tests.conftest import Amqp, all_queues, rebuild_schema, truncate
 
 
 @pytest.fixture(scope="session")
@@ -67,16 +64,7 @@ def settings_for(env: dict[str, str]) -> Settings:
 def cluster_migrated(cluster_env: dict[str, str]) -> Settings:
     """The cluster's test database rebuilt from the migrations, once per session."""
     settings = settings_for(cluster_env)
-
-    async def rebuild() -> None:
-        conn = await asyncpg.connect(settings.database_url)
-        try:
-            await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public;")
-        finally:
-            await conn.close()
-        await db_mod.migrate(settings)
-
-    asyncio.run(rebuild())
+    rebuild_schema(settings)
     return settings
 
 
