@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sessiond.stack import postgres, postgres_cluster, rabbitmq, rabbitmq_cluster, redis_cluster
+from sessiond.stack import postgres_cluster, rabbitmq, rabbitmq_cluster, redis_cluster
 from sessiond.stack.cluster_config import ClusterConfig
 from sessiond.stack.config import DATABASES, PASSWORD, USER, VHOSTS
 
@@ -69,12 +69,7 @@ def namespace_env(cfg: ClusterConfig, name: str) -> dict[str, str]:
     live = next(n for n in rabbitmq_cluster.nodes(cfg) if rabbitmq.running(n))
     rabbitmq.rabbitmqctl(live, "add_vhost", name, check=False)
     rabbitmq.rabbitmqctl(live, "set_permissions", "-p", name, USER, ".*", ".*", ".*")
-    primary = next(
-        cfg.postgres(p)
-        for p in postgres_cluster.PLACES
-        if postgres_cluster.role(cfg.postgres(p)) == "primary"
-    )
-    postgres.ensure_database(primary, name)
+    postgres_cluster.ensure_database(cfg, name)
     env = env_dict(cfg)
     env["SESSIOND_AMQP_URL"] = ",".join(
         u.rsplit("/", 1)[0] + f"/{name}" for u in env["SESSIOND_AMQP_URL"].split(",")

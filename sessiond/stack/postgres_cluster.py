@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,23 @@ def promote(cfg: ClusterConfig) -> StackConfig:
     postgres.psql(node, "ALTER SYSTEM SET synchronous_standby_names = ''")
     postgres.psql(node, "SELECT pg_reload_conf()")
     return node
+
+
+def ensure_database(cfg: ClusterConfig, db: str) -> None:
+    """``db`` on the primary, then seen by every running standby. A synchronous commit is
+    flushed on the standby, not yet replayed; until it is, a multi-host URL that lists the
+    standby first fails on it with "database does not exist" (asyncpg moves on to the next host
+    only when a server is starting up), which a test's fresh database would otherwise hit."""
+    primary = next(n for n in (cfg.postgres(p) for p in PLACES) if role(n) == "primary")
+    postgres.ensure_database(primary, db)
+    exists = f"SELECT 1 FROM pg_database WHERE datname='{db}'"
+    for node in (cfg.postgres(p) for p in PLACES):
+        if role(node) == "standby":
+            wait(partial(_has_row, node, exists), name("standby"), 30, postgres.logfile(node))
+
+
+def _has_row(node: StackConfig, sql: str) -> bool:
+    return postgres.psql(node, sql) == "1"
 
 
 def status(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:

@@ -54,7 +54,8 @@ PROCESS_ENV: dict[str, str] = {
     "SESSIOND_RETRY_MAX": "60",
     "SESSIOND_RETRY_MIN_BACKOFF_MS": "200",
     "SESSIOND_RETRY_MAX_BACKOFF_MS": "2000",
-    "SESSIOND_LOG_LEVEL": "WARNING",
+    # INFO (``SESSIOND_MODEL_LOG_LEVEL=INFO``) to follow a late event through the workers' logs.
+    "SESSIOND_LOG_LEVEL": os.environ.get("SESSIOND_MODEL_LOG_LEVEL", "WARNING"),
 }
 
 
