@@ -114,6 +114,7 @@ async def maintain_audit_partitions(
     if result.created or result.dropped:
         log.info(
             "audit partitions maintained",
-            extra={"created": result.created, "dropped": result.dropped},
+            # not ``created``: a LogRecord attribute, which ``extra`` may not overwrite
+            extra={"partitions_created": result.created, "partitions_dropped": result.dropped},
         )
     return result
