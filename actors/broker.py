@@ -20,6 +20,7 @@ from dramatiq.middleware import (
     TimeLimit,
 )
 
+from actors import stamping
 from actors.consumer import ChannelBoundBroker
 from actors.ingress import IngressMiddleware
 from actors.retry import AgeLimit, BudgetRetries
@@ -71,7 +72,7 @@ def build_broker(
         BudgetRetries(settings),  # the retry rule and what happens past it: actors.retry
         CurrentMessage(),
         StorageMiddleware(runtime),
-        IngressMiddleware(settings, sources),
+        IngressMiddleware(settings, sources, stamping.on_loop(runtime.run)),
     ]
     return Broker(
         settings,

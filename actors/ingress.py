@@ -13,7 +13,8 @@ Order: each ingest queue has a single active consumer (the other processes' cons
 it gives every message a stamp that never goes backwards (``sessiond.stamps``), also across a
 hand-over (``actors.topology`` keeps the high-water stamp in RabbitMQ). An event without a time of
 its own takes that stamp (or the publisher's AMQP ``timestamp``), so for those events queue order
-is event order. A replayed dead letter gets back the stamps it was first given.
+is event order. A replayed dead letter, and a copy of an event with an ``event_id``, get back
+the stamps they were first given (``actors.stamping``).
 
 No message can stop a queue: whatever a decoder raises dead-letters that one message (reason
 ``undecodable``, the exception in ``x-sessiond-detail``) and the batch goes on.
@@ -27,7 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import dramatiq
@@ -38,11 +39,13 @@ from dramatiq.middleware import Middleware
 from actors import deadletter, messages, topology
 from actors.forwarding import Stamps, event_item, partition_messages, with_stamp
 from actors.sources import Source
+from actors.stamping import ReceiptsUnavailable, Remember, Stamper, first_receipts
 from actors.topology import JOBS_QUEUE, declare_dramatiq_queue, partition_queues
 from sessiond import amqp, keycloak
 from sessiond.config import Settings
 from sessiond.errors import InvalidEvent, SessiondError
-from sessiond.stamps import Clock, publisher_stamp, timestamp_of, utc_now
+from sessiond.events import Event
+from sessiond.stamps import Clock, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,7 @@ class Ingress(threading.Thread):
         self,
         settings: Settings,
         sources: list[Source],
+        remember: Remember,
         *,
         batch_size: int = 500,
         linger_s: float = 0.02,
@@ -83,6 +87,7 @@ class Ingress(threading.Thread):
         super().__init__(name="sessiond-ingress", daemon=True)
         self.settings = settings
         self.sources = sources
+        self.remember = remember  # first receipts (``actors.stamping``), on PostgreSQL
         self.batch_size = batch_size
         self.linger_s = linger_s
         self.stopping = threading.Event()
@@ -92,8 +97,8 @@ class Ingress(threading.Thread):
         self.report_every_s = 60.0
         self._reported_at = time.monotonic()
         # Kept across reconnections: this process's stamps never go backwards either.
-        self.clock = clock or Clock()
-        self._last_stamp: datetime | None = None
+        self.stamper = Stamper(clock)
+        self.clock = self.stamper.clock
         self._high_water_read: set[str] = set()
         self._high_water_tags: list[int] = []
         self._committed = False
@@ -119,6 +124,10 @@ class Ingress(threading.Thread):
                 log.warning("ingress waits for a legacy queue", extra={"detail": str(exc)})
             except QueueMismatch as exc:
                 log.error("ingress cannot declare its queue", extra={"detail": str(exc)})
+            except ReceiptsUnavailable as exc:  # the batch is read again when PostgreSQL is back
+                cap = MAX_RECONNECT_S
+                delay = min(delay, cap)
+                log.warning("ingress waits for PostgreSQL", extra={"error": str(exc)})
             except (pika.exceptions.AMQPError, OSError) as exc:
                 cap = MAX_RECONNECT_S
                 delay = min(delay, cap)
@@ -165,7 +174,7 @@ class Ingress(threading.Thread):
             pending: list[_Delivery] = []
             for source in self.sources:
                 legacy = topology.legacy_queue(source.queue)
-                if legacy is not None and self._exists(conn, legacy):
+                if legacy is not None and topology.queue_exists(conn, legacy):
                     self._drain_legacy(conn, ch, source, legacy, pending)
             for source in self.sources:
                 ch.basic_consume(source.queue, self._collector(pending, source))
@@ -191,29 +200,6 @@ class Ingress(threading.Thread):
             return True
         return bool(pending)
 
-    @staticmethod
-    def _exists(conn: pika.BlockingConnection, queue: str) -> bool:
-        probe = conn.channel()
-        try:
-            probe.queue_declare(queue, passive=True)
-            return True
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            if exc.reply_code == 404:
-                return False
-            raise
-        finally:
-            if probe.is_open:
-                probe.close()
-
-    @staticmethod
-    def _depth(conn: pika.BlockingConnection, queue: str) -> int:
-        probe = conn.channel()
-        try:
-            return int(probe.queue_declare(queue, passive=True).method.message_count)
-        finally:
-            if probe.is_open:
-                probe.close()
-
     def _drain_legacy(
         self,
         conn: pika.BlockingConnection,
@@ -229,7 +215,7 @@ class Ingress(threading.Thread):
         leaves every session as the first reading did."""
         for exchange, key in source.bindings:
             ch.queue_unbind(legacy, exchange, routing_key=key)
-        before = self._depth(conn, legacy)
+        before = topology.queue_depth(conn, legacy)
         log.warning(
             "draining legacy ingest queue",
             extra={"queue": legacy, "into": source.queue, "messages": before},
@@ -241,7 +227,7 @@ class Ingress(threading.Thread):
                 raise LegacyBusy(f"{legacy} is still consumed by older workers") from None
             raise
         while not self.stopping.is_set():
-            if not self._step(conn, ch, pending) and self._depth(conn, legacy) == 0:
+            if not self._step(conn, ch, pending) and topology.queue_depth(conn, legacy) == 0:
                 break
         ch.basic_cancel(tag)
         if pending:
@@ -273,19 +259,6 @@ class Ingress(threading.Thread):
             )
         self.clock.advance_to(stamp)
 
-    def _stamps(self, d: _Delivery) -> Stamps:
-        receipt = self.clock.next()
-        restored = deadletter.restored_stamps(d.props.headers)
-        if restored is not None:
-            received = min(restored[0], receipt)
-            return Stamps(received, min(restored[1], received))
-        ts = timestamp_of(d.props.timestamp)
-        stamp = receipt
-        if ts is not None:
-            stamp = publisher_stamp(ts, after=self._last_stamp, receipt=receipt)
-        self._last_stamp = stamp
-        return Stamps(receipt, stamp)
-
     def _forward(self, ch: Any, batch: list[_Delivery]) -> None:
         forwarded = dead = 0
         ignored: Counter[str] = Counter()
@@ -294,22 +267,32 @@ class Ingress(threading.Thread):
         for source in sources.values():
             if source.name not in self._high_water_read:
                 self._read_high_water(ch, source)
+        decoded: list[tuple[_Delivery, Event, Stamps]] = []
         for d in batch:
-            stamps = self._stamps(d)
-            routing_key = d.method.routing_key or ""
+            stamps = self.stamper.stamps(d.props.headers, d.props.timestamp)
             try:
-                event = d.source.decode(d.body, stamps.received_at, routing_key)
-                if event is None:
-                    ignored[d.source.name] += 1
-                    continue
-                event = with_stamp(event, stamps)
-                item = event_item(event, d.body, d.method.exchange, routing_key, stamps)
+                event = d.source.decode(d.body, stamps.received_at, d.method.routing_key or "")
             except InvalidEvent as exc:
                 self._dead_letter(ch, d, exc.reason, exc.detail, stamps)
                 dead += 1
                 continue
             except Exception as exc:  # a decoder's bug must not stop the queue
                 log.exception("undecodable message dead-lettered", extra={"queue": d.source.queue})
+                self._dead_letter(ch, d, "undecodable", repr(exc), stamps)
+                dead += 1
+                continue
+            if event is None:
+                ignored[d.source.name] += 1
+            else:
+                decoded.append((d, event, stamps))
+        # Before anything is committed: PostgreSQL down fails the batch, which is read again.
+        firsts = first_receipts([(e, s) for _d, e, s in decoded], self.remember)
+        for (d, _e, _s), (event, stamps) in zip(decoded, firsts, strict=True):
+            event = with_stamp(event, stamps)
+            key = d.method.routing_key or ""
+            try:
+                item = event_item(event, d.body, d.method.exchange, key, stamps)
+            except Exception as exc:  # e.g. a body a custom decoder took that is not UTF-8
                 self._dead_letter(ch, d, "undecodable", repr(exc), stamps)
                 dead += 1
                 continue
@@ -380,15 +363,18 @@ class IngressMiddleware(Middleware):
     consumed but not committed goes back to the queue when its connection closes.
     """
 
-    def __init__(self, settings: Settings, sources: Callable[[], list[Source]]) -> None:
+    def __init__(
+        self, settings: Settings, sources: Callable[[], list[Source]], remember: Remember
+    ) -> None:
         self.settings = settings
         self.sources = sources
+        self.remember = remember
         self.thread: Ingress | None = None
 
     def after_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         if not self.settings.ingress:
             return
-        self.thread = Ingress(self.settings, self.sources())
+        self.thread = Ingress(self.settings, self.sources(), self.remember)
         self.thread.start()
 
     def before_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:

@@ -70,9 +70,9 @@ async def sweep_job(
     if dry_run:
         return done
     if settings.dedup_retention_s:
-        done["dedup_purged"] = await retention.purge(
-            "processed_events", before=now - timedelta(seconds=settings.dedup_retention_s)
-        )
+        before = now - timedelta(seconds=settings.dedup_retention_s)
+        done["dedup_purged"] = await retention.purge("processed_events", before=before)
+        done["receipts_purged"] = await retention.purge("event_receipts", before=before)
     parts = await retention.maintain_audit_partitions(
         now,
         retention_days={
@@ -111,6 +111,7 @@ def declare(runtime: Runtime, broker: dramatiq.Broker) -> list[dramatiq.Actor[An
                 or r["skipped"]
                 or r["lifetime_sessions_ended"]
                 or r.get("dedup_purged")
+                or r.get("receipts_purged")
                 or r.get("audit_purged")
                 or r.get("audit_partitions_created")
                 or r.get("audit_partitions_dropped")

@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 import pika
+import pika.exceptions
 
 from sessiond import amqp
 from sessiond.config import Settings
@@ -78,3 +79,27 @@ def write_high_water(channel: Any, queue: str, stamp: datetime) -> None:
         body=stamp.isoformat().encode(),
         properties=pika.BasicProperties(delivery_mode=2),
     )
+
+
+def queue_exists(conn: pika.BlockingConnection, queue: str) -> bool:
+    """Asked on a channel of its own: a 404 closes the channel it is asked on."""
+    probe = conn.channel()
+    try:
+        probe.queue_declare(queue, passive=True)
+        return True
+    except pika.exceptions.ChannelClosedByBroker as exc:
+        if exc.reply_code == 404:
+            return False
+        raise
+    finally:
+        if probe.is_open:
+            probe.close()
+
+
+def queue_depth(conn: pika.BlockingConnection, queue: str) -> int:
+    probe = conn.channel()
+    try:
+        return int(probe.queue_declare(queue, passive=True).method.message_count)
+    finally:
+        if probe.is_open:
+            probe.close()

@@ -31,7 +31,7 @@ from storage import redis_conn
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results"
-TABLES = ("audit_events", "processed_events", "sessions", "users")
+TABLES = ("audit_events", "event_receipts", "processed_events", "sessions", "users")
 # Redis dbs that other suites on a shared stack use (dev 0, tests 15, other isolations).
 RESERVED_REDIS_DBS = frozenset({0, 11, 13, 14, 15})
 BENCH_SECRET = "loadtest-secret-that-is-long-enough-for-hs256"

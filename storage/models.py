@@ -90,6 +90,18 @@ class ProcessedEvent(Model):
         indexes = (Index(fields=("processed_at",), name="processed_events_at_idx"),)
 
 
+class EventReceipt(Model):
+    """The stamps an event without a time of its own was first given (``storage.receipts``)."""
+
+    key = fields.CharField(pk=True, max_length=300)
+    received_at = fields.DatetimeField()
+    stamped_at = fields.DatetimeField()
+
+    class Meta:
+        table = "event_receipts"
+        indexes = (Index(fields=("received_at",), name="event_receipts_at_idx"),)
+
+
 class AuditEvent(Model):
     """Append-only journal of lifecycle changes and access decisions (CONTRACT §5).
 

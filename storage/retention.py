@@ -5,7 +5,9 @@ A redelivery comes back within the retry budget (an hour) or with a dead-letter 
 ledger only has to remember a few days (``SESSIOND_DEDUP_RETENTION_S``, 7 by default). Past that,
 the data still makes a redelivered event a no-op: each session keeps the time of its newest event
 and each user the time of their last full logout, so the old event is refused as ``stale``
-instead of ``duplicate``, and changes nothing. Its rows go by batched ``DELETE``.
+instead of ``duplicate``, and changes nothing. Its rows go by batched ``DELETE``, and so do
+those of ``event_receipts`` (``storage.receipts``), kept as long: a copy of an event comes back
+within the same horizon as a redelivery.
 
 ``audit_events`` is partitioned (migration 0006): by class (access entries, lifecycle entries),
 then by UTC day. The sweep creates each class's daily partitions ``SESSIOND_AUDIT_PARTITIONS_
@@ -35,6 +37,7 @@ _DAY: Final = re.compile(r"_p(\d{8})$")
 # table -> (its key, its time column); both time columns are indexed.
 _TABLES: Final = {
     "processed_events": ("key", "processed_at"),
+    "event_receipts": ("key", "received_at"),
     "audit_events_access_default": ("id", "at"),
     "audit_events_lifecycle_default": ("id", "at"),
 }
@@ -111,6 +114,7 @@ async def maintain_audit_partitions(
     if result.created or result.dropped:
         log.info(
             "audit partitions maintained",
-            extra={"created": result.created, "dropped": result.dropped},
+            # not ``created``: a LogRecord attribute, which ``extra`` may not overwrite
+            extra={"partitions_created": result.created, "partitions_dropped": result.dropped},
         )
     return result

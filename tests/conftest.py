@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from typing import Any
 import asyncpg
 import pika
 import pytest
+from dramatiq.asyncio import EventLoopThread
 
 from sessiond import amqp, stack
 from sessiond.config import Settings, get_settings
@@ -32,7 +34,7 @@ from storage import redis_conn
 from storage.redis_conn import AsyncClient
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("audit_events", "outbox", "processed_events", "sessions", "users")
+TABLES = ("audit_events", "event_receipts", "outbox", "processed_events", "sessions", "users")
 
 
 def wait_until(
@@ -207,6 +209,20 @@ async def orm_pg(db: Settings) -> AsyncIterator[asyncpg.Connection]:
         yield conn
     finally:
         await conn.close()
+
+
+@pytest.fixture
+def storage_loop(raw_pg: asyncpg.Connection, migrated: Settings) -> Iterator[EventLoopThread]:
+    """The worker's arrangement in this process: Tortoise open on an event-loop thread of its own
+    (Dramatiq's), which an in-process ingress reaches from its thread (``actors.stamping``)."""
+    thread = EventLoopThread(logging.getLogger("tests.storage_loop"))
+    thread.start(timeout=10)
+    thread.run_coroutine(db_mod.open_db(migrated))
+    try:
+        yield thread
+    finally:
+        thread.run_coroutine(db_mod.close_db())
+        thread.stop()  # type: ignore[no-untyped-call]
 
 
 @pytest.fixture

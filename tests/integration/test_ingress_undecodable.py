@@ -13,8 +13,9 @@ import dramatiq
 import pika
 import pika.exceptions
 import pytest
+from dramatiq.asyncio import EventLoopThread
 
-from actors import deadletter
+from actors import deadletter, stamping
 from actors.ingress import Ingress
 from actors.sources import Source
 from actors.topology import partition_queues
@@ -40,11 +41,14 @@ def declare(ch: Any) -> None:
 
 
 @pytest.fixture
-def ingress(settings: Settings, broker_client: Amqp) -> Iterator[Ingress]:
+def ingress(
+    settings: Settings, broker_client: Amqp, storage_loop: EventLoopThread
+) -> Iterator[Ingress]:
     ch = broker_client.conn.channel()
     ch.queue_delete(QUEUE)
     ch.queue_delete(f"{QUEUE}.stamp")
-    thread = Ingress(settings, [Source(QUEUE, buggy_decode, declare, name="buggy")])
+    remember = stamping.on_loop(storage_loop.run_coroutine)
+    thread = Ingress(settings, [Source(QUEUE, buggy_decode, declare, name="buggy")], remember)
     thread.start()
     try:
         yield thread

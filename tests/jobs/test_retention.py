@@ -1,8 +1,10 @@
-"""The de-duplication ledger's retention: old rows go in bounded batches, and an event whose
-ledger row is gone is still a no-op when it comes back (the data's ordering fences refuse it)."""
+"""The de-duplication ledger's retention (and the first receipts', ``storage.receipts``): old rows
+go in bounded batches, and an event whose ledger row is gone is still a no-op when it comes back
+(the data's ordering fences refuse it)."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import asyncpg
@@ -20,6 +22,10 @@ pytestmark = pytest.mark.integration
 
 async def ledger(pg: asyncpg.Connection) -> int:
     return int(await pg.fetchval("SELECT count(*) FROM processed_events"))
+
+
+async def receipts(pg: asyncpg.Connection) -> list[str]:
+    return [r["key"] for r in await pg.fetch("SELECT key FROM event_receipts ORDER BY key")]
 
 
 async def test_rows_older_than_the_retention_go_in_batches(
@@ -76,16 +82,27 @@ async def test_a_redelivered_event_past_the_retention_changes_nothing(
 
 
 async def test_the_sweep_job_purges_and_a_dry_run_does_not(
-    db: Settings, pg: asyncpg.Connection, cache: cache_mod.Cache
+    db: Settings, pg: asyncpg.Connection, cache: cache_mod.Cache, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Given an 8-day-old ledger row
+    # At INFO, as production logs: the partitions' log line once raised KeyError ('created')
+    caplog.set_level(logging.INFO, logger="storage.retention")
+    # Given an 8-day-old ledger row, and first receipts 8 days and 1 hour old
     await pg.execute(
         "INSERT INTO processed_events (key, user_id, processed_at) VALUES ('old', 'u', $1)",
         NOW - timedelta(days=8),
     )
+    await pg.execute(
+        "INSERT INTO event_receipts (key, received_at, stamped_at)"
+        " VALUES ('old', $1, $1), ('new', $2, $2)",
+        NOW - timedelta(days=8),
+        NOW - timedelta(hours=1),
+    )
     # A dry run deletes nothing
     dry = await sweep_job(db, cache, now=NOW, dry_run=True)
     assert "dedup_purged" not in dry and await ledger(pg) == 1
-    # By default the ledger is pruned (audit partitions: tests/jobs/test_partitions.py)
+    assert await receipts(pg) == ["new", "old"]
+    # By default the ledger and the receipts are pruned with the same retention (audit
+    # partitions: tests/jobs/test_partitions.py)
     done = await sweep_job(db, cache, now=NOW)
     assert done["dedup_purged"] == 1 and await ledger(pg) == 0
+    assert done["receipts_purged"] == 1 and await receipts(pg) == ["new"]

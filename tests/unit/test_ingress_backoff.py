@@ -8,7 +8,9 @@ import threading
 import pika.exceptions
 
 from actors.ingress import Ingress
+from actors.stamping import ReceiptsUnavailable
 from sessiond.config import Settings
+from storage.receipts import Receipt
 
 
 class Recorder(threading.Event):
@@ -26,6 +28,10 @@ class Recorder(threading.Event):
         return self.is_set()
 
 
+def unreachable(_batch: list[Receipt]) -> dict[str, Receipt]:
+    raise ReceiptsUnavailable("never called: _consume fails first")
+
+
 class Failing(Ingress):
     def __init__(
         self,
@@ -34,7 +40,7 @@ class Failing(Ingress):
         commits: frozenset[int] = frozenset(),
         error: Exception | None = None,
     ) -> None:
-        super().__init__(Settings(), [])
+        super().__init__(Settings(), [], unreachable)
         self.stopping = stopping
         self.commits = commits
         self.error = error or RuntimeError("a bug that fails every time")
@@ -77,3 +83,10 @@ def test_a_bug_after_an_outage_backs_off_further() -> None:
     stopping = Recorder(limit=7)
     Mixed(stopping).run()
     assert stopping.pauses == [0.5, 1.0, 2.0, 2.0, 2.0, 4.0, 8.0]
+
+
+def test_postgresql_unreachable_for_first_receipts_is_retried_every_2_s_at_most() -> None:
+    # The batch is rolled back and read again: it waits in the ingest queue meanwhile
+    stopping = Recorder(limit=5)
+    Failing(stopping, error=ReceiptsUnavailable("connection refused")).run()
+    assert stopping.pauses == [0.5, 1.0, 2.0, 2.0, 2.0]
