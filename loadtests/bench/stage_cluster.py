@@ -4,9 +4,8 @@ stack, in one run (issue 15; target: cluster events/s >= 0.5 x single-node).
 The same stages run twice, on the same machine, one system under test after the other: the
 single-node stack's namespace, then the local cluster (``sessiond stack up --cluster``, started
 when not running): 3 RabbitMQ nodes with quorum queues and the multi-node AMQP URL, the
-PostgreSQL primary with its synchronous standby through the multi-host URL. Redis is the Redis
-Cluster once sessiond's settings know ``SESSIOND_REDIS_CLUSTER``; until then the single-node
-Redis, and the output says so.
+PostgreSQL primary with its synchronous standby through the multi-host URL, and the Redis Cluster
+(``SESSIOND_REDIS_CLUSTER``).
 """
 
 from __future__ import annotations
@@ -18,18 +17,18 @@ from typing import Any
 from loadtests import harness
 from loadtests.bench.stage_events import Events
 from loadtests.bench.tools import Http, Publisher, event, say, token, wrk
-from sessiond.config import Settings
 from sessiond.stack import cluster
 from sessiond.stack.cluster_config import ClusterConfig
 
 # What the cluster replaces in the single-node namespace's environment.
-CLUSTER_KEYS = ("SESSIOND_AMQP_URL", "SESSIOND_AMQP_CA_FILE", "SESSIOND_QUEUE_TYPE",
-                "SESSIOND_DATABASE_URL")  # fmt: skip
-REDIS_KEYS = ("SESSIOND_REDIS_CLUSTER", "SESSIOND_REDIS_URL")
-
-
-def redis_cluster_supported() -> bool:
-    return "redis_cluster" in Settings.model_fields
+CLUSTER_KEYS = (
+    "SESSIOND_AMQP_URL",
+    "SESSIOND_AMQP_CA_FILE",
+    "SESSIOND_QUEUE_TYPE",
+    "SESSIOND_DATABASE_URL",
+    "SESSIOND_REDIS_CLUSTER",
+    "SESSIOND_REDIS_URL",
+)
 
 
 def cluster_env(args: argparse.Namespace) -> dict[str, str]:
@@ -37,8 +36,7 @@ def cluster_env(args: argparse.Namespace) -> dict[str, str]:
     cluster.up(cfg)
     env = harness.private_env(args.name, args.redis_db)
     reach = cluster.namespace_env(cfg, args.name)
-    keys = CLUSTER_KEYS + (REDIS_KEYS if redis_cluster_supported() else ())
-    env.update({k: reach[k] for k in keys})
+    env.update({k: reach[k] for k in CLUSTER_KEYS})
     return env
 
 
@@ -69,7 +67,7 @@ class Target(Events):
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {"redis": "cluster" if redis_cluster_supported() else "single-node"}
+    out: dict[str, Any] = {"redis": "cluster"}
     for name, env in (("single", None), ("cluster", cluster_env(args))):
         say(f"cluster comparison: {name} (load average {harness.load_average()})")
         target = Target(args, env=env)
