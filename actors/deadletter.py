@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any
 
 import dramatiq
 import pika
@@ -127,20 +127,10 @@ def bury(
         messages.publish(channel, journal)
 
 
-_RETRY_OPTIONS: Final = frozenset({"retries", "traceback", "requeue_timestamp", "eta"})
-
-
 def bury_message(channel: Any, settings: Settings, message: Any, reason: str, detail: str) -> None:
     """A Dramatiq message past its retry budget (``actors.retry``), whole: replayed, it is a fresh
     message with a full budget on the queue it came from."""
-    options = {k: v for k, v in message.options.items() if k not in _RETRY_OPTIONS}
-    fresh: dramatiq.Message[Any] = dramatiq.Message(
-        queue_name=message.queue_name,
-        actor_name=message.actor_name,
-        args=tuple(message.args),
-        kwargs=dict(message.kwargs),
-        options=options,
-    )
+    fresh = messages.without_retries(message)
     props = properties(
         reason=reason,
         detail=detail,

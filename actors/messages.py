@@ -47,6 +47,22 @@ def dead_letter_journal(
     )
 
 
+_RETRY_OPTIONS: Final = frozenset({"retries", "traceback", "requeue_timestamp", "eta"})
+
+
+def without_retries(message: Any) -> dramatiq.Message[Any]:
+    """``message`` as it was first sent, without what its retries added (count, traceback,
+    delay): a dead letter replayed from it starts with a full budget."""
+    options = {k: v for k, v in message.options.items() if k not in _RETRY_OPTIONS}
+    return dramatiq.Message(
+        queue_name=message.queue_name,
+        actor_name=message.actor_name,
+        args=tuple(message.args),
+        kwargs=dict(message.kwargs),
+        options=options,
+    )
+
+
 def job_tick(job: str, scheduled_at: float) -> dramatiq.Message[Any]:
     """One tick of a periodic job (``actors.jobs``), as the scheduler enqueues it."""
     return _message(JOBS_QUEUE, job, (), {"scheduled_at": scheduled_at})
