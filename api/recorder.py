@@ -22,6 +22,7 @@ from sanic import Request
 
 from api.metrics import Counter
 from storage.activity import REFUSED_DECISION, AccessLog, ActivityBuffer, RefusedKey
+from storage.decision_push import Pending, push
 from storage.redis_conn import AsyncClient
 
 log = logging.getLogger(__name__)
@@ -131,21 +132,14 @@ class Recorder:
         refused, self._refused = self._refused, {}
         unreported, self._unreported = self._unreported, 0
         self._bytes = 0
-        if not touches and not sessions and not entries and not refused and not unreported:
+        pending = Pending(touches, sessions, entries, refused, unreported)
+        if pending.empty():
             return
         try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                appends = await self.access_log.queue_append(pipe, entries) if entries else 0
-                await self.access_log.queue_refused(pipe, refused)
-                if unreported:
-                    self.access_log.queue_overflow(pipe, "api", unreported)
-                session_touches = [(u, s, at) for (u, s), at in sessions.items()]
-                await self.activity.queue_touches(pipe, touches.items(), session_touches)
-                results = await pipe.execute()
+            over_cap = await push(self.client, self.access_log, self.activity, pending)
         except Exception as exc:
             self._keep(touches, sessions, entries, refused, unreported, exc)
             return
-        over_cap = sum(int(n) for n in results[:appends])
         if over_cap and self.overflow is not None:
             self.overflow.inc("redis", by=over_cap)
 
