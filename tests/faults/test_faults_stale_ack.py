@@ -11,6 +11,7 @@ with the same consumer calls the worker makes, so the interleaving is exact.
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,8 +20,10 @@ import dramatiq
 import pika
 import pytest
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.errors import ConnectionClosed
+from dramatiq.middleware import SkipMessage
 
-from actors.consumer import ChannelBoundBroker
+from actors.consumer import ChannelBoundBroker, SkipClosedChannel, delivered_on_closed_channel
 from sessiond import amqp
 from sessiond.config import Settings
 
@@ -100,3 +103,35 @@ def test_channel_bound_consumer_keeps_every_message(settings: Settings, queue: s
     """sessiond's broker: the stale acknowledgement is dropped, A and B are both redelivered."""
     broker = ChannelBoundBroker(parameters=[amqp.parameter_kwargs(settings)], middleware=[])
     assert stage(broker, settings, queue) == ["A", "B"]
+
+
+def test_a_closed_channels_message_is_skipped_and_its_ack_dropped_at_once(
+    settings: Settings, queue: str
+) -> None:
+    """A message in the worker's memory whose channel died: Dramatiq's consumer raises on its ack
+    (``post_process_message`` then sleeps 5 s and tries again, per message in hand); sessiond's
+    drops the ack at once and skips the message before its actor runs, since RabbitMQ
+    redelivers it on the new channel."""
+    broker = ChannelBoundBroker(parameters=[amqp.parameter_kwargs(settings)], middleware=[])
+    stock = RabbitmqBroker(parameters=[amqp.parameter_kwargs(settings)], middleware=[])
+    try:
+        broker.enqueue(dramatiq.Message(queue, "apply", ("A",), {}, {}))
+        old: Any = stock.consume(queue, prefetch=1, timeout=100)
+        a = _next(old)
+        old.connection.close()  # the connection lost under the worker
+        with pytest.raises(ConnectionClosed):
+            old.ack(a)
+        bound: Any = broker.consume(queue, prefetch=1, timeout=100)
+        a = _next(bound)
+        assert not delivered_on_closed_channel(a)
+        bound.connection.close()
+        assert delivered_on_closed_channel(a)
+        with pytest.raises(SkipMessage):
+            SkipClosedChannel().before_process_message(broker, a)
+        started = time.monotonic()
+        bound.ack(a)  # what post_process_message does: no exception, so no 5 s sleep
+        assert time.monotonic() - started < 0.5
+    finally:
+        broker.close()
+        stock.close()
+    assert _left(settings, queue) == ["A"]  # RabbitMQ kept it for the new channel
