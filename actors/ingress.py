@@ -39,7 +39,13 @@ from dramatiq.middleware import Middleware
 from actors import deadletter, messages, topology
 from actors.forwarding import Stamps, event_item, partition_messages, with_stamp
 from actors.sources import Source
-from actors.stamping import ReceiptsUnavailable, Remember, Stamper, first_receipts
+from actors.stamping import (
+    ReceiptsUnavailable,
+    Remember,
+    Settlement,
+    Stamper,
+    first_receipts,
+)
 from actors.topology import JOBS_QUEUE, declare_dramatiq_queue, partition_queues
 from sessiond import amqp, keycloak
 from sessiond.config import Settings
@@ -99,6 +105,7 @@ class Ingress(threading.Thread):
         # Kept across reconnections: this process's stamps never go backwards either.
         self.stamper = Stamper(clock)
         self.clock = self.stamper.clock
+        self.settlement = Settlement()  # which stored first receipts were committed
         self._high_water_read: set[str] = set()
         self._high_water_tags: list[int] = []
         self._committed = False
@@ -245,19 +252,20 @@ class Ingress(threading.Thread):
 
     def _read_high_water(self, ch: Any, source: Source) -> None:
         """Once per connection and source, before its first stamp: start above the newest stamp
-        any earlier active consumer committed."""
+        any earlier active consumer committed, which is also what its receipts count up to
+        (``actors.stamping.Settlement``)."""
         self._high_water_read.add(source.name)
         stamp, tag = topology.read_high_water(ch, source.queue)
         if tag is not None:
             self._high_water_tags.append(tag)
-        if stamp is None:
-            return
-        if stamp > utc_now() + SKEW_WARNING:
-            log.warning(
-                "high-water stamp ahead of this clock; stamping after it",
-                extra={"queue": source.queue, "high_water": stamp.isoformat()},
-            )
-        self.clock.advance_to(stamp)
+        if stamp is not None:
+            if stamp > utc_now() + SKEW_WARNING:
+                log.warning(
+                    "high-water stamp ahead of this clock; stamping after it",
+                    extra={"queue": source.queue, "high_water": stamp.isoformat()},
+                )
+            self.clock.advance_to(stamp)
+        self.settlement.started(source.name, stamp, self.clock.mark())
 
     def _forward(self, ch: Any, batch: list[_Delivery]) -> None:
         forwarded = dead = 0
@@ -286,7 +294,9 @@ class Ingress(threading.Thread):
             else:
                 decoded.append((d, event, stamps))
         # Before anything is committed: PostgreSQL down fails the batch, which is read again.
-        firsts = first_receipts([(e, s) for _d, e, s in decoded], self.remember)
+        firsts = first_receipts(
+            [(d.source.name, e, s) for d, e, s in decoded], self.remember, self.settlement
+        )
         for (d, _e, _s), (event, stamps) in zip(decoded, firsts, strict=True):
             event = with_stamp(event, stamps)
             key = d.method.routing_key or ""
@@ -304,6 +314,8 @@ class Ingress(threading.Thread):
             for source in sources.values():
                 topology.write_high_water(ch, source.queue, self.clock.last)
         ch.tx_commit()  # stored by RabbitMQ before any input is acknowledged
+        if self.clock.last is not None:  # the batch's receipts now count
+            self.settlement.committed(list(sources), self.clock.last)
         last_tag = int(batch[-1].method.delivery_tag)
         for tag in self._high_water_tags:
             if tag > last_tag:  # a lower tag is covered by the multiple ack below

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final, TypeVar
 
 from actors import deadletter
@@ -25,11 +25,14 @@ from sessiond.events import Event
 from sessiond.stamps import Clock, publisher_stamp, timestamp_of
 from storage import receipts
 from storage.db import DB_CONNECTION_ERRORS, DB_WRAPPED_ERROR
-from storage.receipts import Receipt
+from storage.receipts import Receipt, Settled
 
 T = TypeVar("T")
-Remember = Callable[[list[Receipt]], dict[str, Receipt]]
-"""Stores a batch's first receipts and returns the stored one of every key (blocking)."""
+Remember = Callable[[list[Receipt], Callable[[str], Settled]], dict[str, Receipt]]
+"""Stores a batch's first receipts, replacing the stored ones that do not count (by key), and
+returns the stored one of every key (blocking)."""
+
+NEVER: Final = datetime.min.replace(tzinfo=UTC)
 
 RECEIPTS_TIMEOUT_S: Final = 5.0
 """How long a batch waits for PostgreSQL: past it the batch fails, is rolled back and read again
@@ -64,6 +67,49 @@ class Stamper:
         return Stamps(receipt, stamp)
 
 
+class Settlement:
+    """Which stored first receipts count, per source: those of batches its consumers committed.
+
+    The receipts are stored before the batch's AMQP commit, and the commit can fail: its batch is
+    then read again and its events without an ``event_id`` get new stamps, so a keyed one given
+    back the failed attempt's would be reordered among them. The high-water stamp is committed
+    with the batch (``actors.topology``), so every receipt of a committed batch is at or below
+    a committed high-water, known here after each commit or read back from RabbitMQ when a
+    consumer (this one again, or another after a hand-over) starts on the queue. That read also
+    settles a commit that failed on our side but was done by the broker: its high-water came
+    back, so its receipts count. A failed attempt's receipts are above the high-water read
+    after it; yet this connection's commits then pass them, while its batches may cut the
+    redelivery otherwise than the failed attempt did. So the stamps between that read and
+    ``Clock.mark`` (below every stamp this connection gives) count never: ``Settled.void``.
+    """
+
+    def __init__(self) -> None:
+        self._upto: dict[str, datetime] = {}
+        self._void: dict[str, tuple[datetime, datetime]] = {}
+
+    def started(self, source: str, high_water: datetime | None, mark: datetime) -> None:
+        """A connection's first batch of ``source``: the high-water read from RabbitMQ, and a
+        time every stamp the connection gives will be after."""
+        known = self._upto.get(source)
+        if high_water is not None and (known is None or high_water > known):
+            known = self._upto[source] = high_water
+        after = NEVER if known is None else known
+        if mark > after:
+            self._void[source] = (after, mark)
+        else:
+            self._void.pop(source, None)
+
+    def committed(self, sources: list[str], high_water: datetime) -> None:
+        """The batch's publishes and this high-water were committed together."""
+        for source in sources:
+            known = self._upto.get(source)
+            if known is None or high_water > known:
+                self._upto[source] = high_water
+
+    def of(self, source: str) -> Settled:
+        return Settled(self._upto.get(source), self._void.get(source))
+
+
 def stamp_keyed(event: Event, stamps: Stamps) -> bool:
     """The event's time is the stamp (no ``occurred_at``, or a future one clamped to the receipt)
     and a copy would say so by its ``event_id``."""
@@ -71,21 +117,22 @@ def stamp_keyed(event: Event, stamps: Stamps) -> bool:
 
 
 def first_receipts(
-    decoded: list[tuple[Event, Stamps]], remember: Remember
+    decoded: list[tuple[str, Event, Stamps]], remember: Remember, settlement: Settlement
 ) -> list[tuple[Event, Stamps]]:
-    """Each event with the stamps of its first receipt: its own for a first copy, the stored ones
-    for a later copy (in an earlier batch, or earlier in this one). One call to ``remember`` for
-    the batch, none when no event needs it."""
-    wanted = [
-        Receipt(event.dedup_key(), stamps.received_at, stamps.stamped_at)
-        for event, stamps in decoded
-        if stamp_keyed(event, stamps)
-    ]
+    """Each event (with the name of its source) with the stamps of its first receipt: its own for
+    a first copy, the stored ones for a later copy (in a committed batch, or earlier in this
+    one). One call to ``remember`` for the batch, none when no event needs it."""
+    wanted: list[Receipt] = []
+    settled: dict[str, Settled] = {}
+    for source, event, stamps in decoded:
+        if stamp_keyed(event, stamps):
+            wanted.append(Receipt(event.dedup_key(), stamps.received_at, stamps.stamped_at))
+            settled[event.dedup_key()] = settlement.of(source)
     if not wanted:
-        return decoded
-    stored = remember(wanted)
+        return [(event, stamps) for _source, event, stamps in decoded]
+    stored = remember(wanted, settled.__getitem__)
     out: list[tuple[Event, Stamps]] = []
-    for event, stamps in decoded:
+    for _source, event, stamps in decoded:
         first = stored.get(event.dedup_key()) if stamp_keyed(event, stamps) else None
         if first is not None and first.received_at < stamps.received_at:
             stamps = Stamps(first.received_at, min(first.stamped_at, first.received_at))
@@ -98,9 +145,9 @@ def on_loop(run: Callable[[Awaitable[dict[str, Receipt]]], dict[str, Receipt]]) 
     """``storage.receipts.remember`` run on an event loop where the database is open (the
     worker's: ``actors.runtime.Runtime.run``), bounded by ``RECEIPTS_TIMEOUT_S``."""
 
-    def remember(batch: list[Receipt]) -> dict[str, Receipt]:
+    def remember(batch: list[Receipt], settled: Callable[[str], Settled]) -> dict[str, Receipt]:
         try:
-            return run(asyncio.wait_for(receipts.remember(batch), RECEIPTS_TIMEOUT_S))
+            return run(asyncio.wait_for(receipts.remember(batch, settled), RECEIPTS_TIMEOUT_S))
         except (TimeoutError, OSError, DB_WRAPPED_ERROR, *DB_CONNECTION_ERRORS) as exc:
             raise ReceiptsUnavailable(repr(exc)) from exc
 

@@ -21,6 +21,7 @@ import logging
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -37,7 +38,7 @@ from sessiond import amqp
 from sessiond.config import Settings
 from sessiond.events import Event, decode_event
 from storage import db as db_mod
-from storage.receipts import Receipt, first_of_each
+from storage.receipts import Receipt, Settled, first_of_each
 
 QUEUE = "bench.ingress.v2"
 DB = "sessiond_bench_ingress"
@@ -59,7 +60,7 @@ def source(s: Settings) -> Source:
     return Source(QUEUE, decode, declare, name="bench")
 
 
-def own_stamps(batch: list[Receipt]) -> dict[str, Receipt]:
+def own_stamps(batch: list[Receipt], _settled: Callable[[str], Settled]) -> dict[str, Receipt]:
     return {r.key: r for r in first_of_each(batch)}
 
 

@@ -40,6 +40,13 @@ class Clock:
         if self.last is None or floor > self.last:
             self.last = floor
 
+    def mark(self) -> datetime:
+        """A time every later stamp is after: now by this clock, or the last stamp if later."""
+        now = self._now()
+        if self.last is None or now > self.last:
+            self.last = now
+        return self.last
+
     def next(self) -> datetime:
         stamp = self._now()
         if self.last is not None and stamp <= self.last:

@@ -7,10 +7,16 @@ is then dropped as its duplicate. Remembering the first receipt by the de-duplic
 publisher's ``event_id``) gives every copy the original's stamps, as a replayed dead letter gets
 back its own (``actors.deadletter.restored_stamps``): which copy is applied first no longer
 matters. Rows are kept as long as the de-duplication ledger (``storage.retention``).
+
+A row is written before the batch it belongs to is acted upon (forwarded), so the batch can fail
+after it: such a row is no first receipt, as nothing was given its stamps. The caller says, per
+key, which stored stamps count (``Settled``); a row that does not is overwritten by the attempt
+now being stored. Which stamps those are is the caller's knowledge (``actors.stamping``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
@@ -27,12 +33,44 @@ class Receipt:
     stamped_at: datetime
 
 
-# ``DO UPDATE`` (a no-op assignment) rather than ``DO NOTHING``: only then does ``RETURNING``
-# give the conflicting row, whose stamps it leaves as they were.
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Which stored receipts count: those received at or before ``upto`` (``None``: none is
+    known to), except those after ``void[0]`` and at or before ``void[1]`` (given by attempts
+    known to have failed). A stored receipt that does not count was written for a batch that
+    was never acted upon, so it is replaced by the receipt being stored now."""
+
+    upto: datetime | None = None
+    void: tuple[datetime, datetime] | None = None
+
+
+# A row counts (is kept) when the caller says its stamp was acted upon; otherwise (NULL ``upto``
+# included: ``x <= NULL`` is not true) this attempt's stamps replace it. ``RETURNING`` gives the
+# stored row either way. In ``SET`` every ``event_receipts.*`` is the row as it was.
 _REMEMBER: Final = """
+WITH input AS (
+    SELECT * FROM unnest(
+        $1::text[], $2::timestamptz[], $3::timestamptz[],
+        $4::timestamptz[], $5::timestamptz[], $6::timestamptz[]
+    ) AS i(key, received_at, stamped_at, upto, void_after, void_upto)
+)
 INSERT INTO event_receipts (key, received_at, stamped_at)
-SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::timestamptz[])
-ON CONFLICT (key) DO UPDATE SET key = excluded.key
+SELECT key, received_at, stamped_at FROM input
+ON CONFLICT (key) DO UPDATE SET (received_at, stamped_at) = (
+    SELECT
+        CASE WHEN c.counts THEN event_receipts.received_at ELSE excluded.received_at END,
+        CASE WHEN c.counts THEN event_receipts.stamped_at ELSE excluded.stamped_at END
+    FROM (
+        SELECT coalesce(
+            event_receipts.received_at <= i.upto
+            AND (i.void_after IS NULL
+                 OR event_receipts.received_at <= i.void_after
+                 OR event_receipts.received_at > i.void_upto),
+            false
+        ) AS counts
+        FROM input AS i WHERE i.key = excluded.key
+    ) AS c
+)
 RETURNING key, received_at, stamped_at
 """
 
@@ -46,18 +84,25 @@ def first_of_each(receipts: list[Receipt]) -> list[Receipt]:
     return list(seen.values())
 
 
-async def remember(receipts: list[Receipt]) -> dict[str, Receipt]:
-    """Stores the batch's receipts whose key has none yet, in one statement, and returns the
-    stored receipt of every key: the one just written, or the one a previous copy left."""
+async def remember(
+    receipts: list[Receipt], settled: Callable[[str], Settled]
+) -> dict[str, Receipt]:
+    """Stores the batch's receipts whose key has none that counts (``settled(key)``), in one
+    statement, and returns the stored receipt of every key: the one just written, or the
+    counting one a previous copy left."""
     firsts = first_of_each(receipts)
     if not firsts:
         return {}
+    bounds = [settled(r.key) for r in firsts]
     rows = await conn().execute_query_dict(
         _REMEMBER,
         [
             [r.key for r in firsts],
             [r.received_at for r in firsts],
             [r.stamped_at for r in firsts],
+            [b.upto for b in bounds],
+            [None if b.void is None else b.void[0] for b in bounds],
+            [None if b.void is None else b.void[1] for b in bounds],
         ],
     )
     return {row["key"]: Receipt(row["key"], row["received_at"], row["stamped_at"]) for row in rows}

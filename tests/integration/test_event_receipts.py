@@ -23,7 +23,7 @@ from sessiond import amqp, stack
 from sessiond.config import Settings
 from sessiond.events import Event
 from storage import receipts, state
-from storage.receipts import Receipt
+from storage.receipts import Receipt, Settled
 from tests.conftest import Amqp, wait_until
 
 pytestmark = pytest.mark.integration
@@ -31,18 +31,23 @@ pytestmark = pytest.mark.integration
 T0 = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 
 
+def counted(_key: str) -> Settled:
+    """Every stored receipt was committed (its batch's high-water is far ahead)."""
+    return Settled(T0 + timedelta(days=1))
+
+
 async def test_the_store_keeps_the_first_receipt_of_each_key(
     db: Settings, pg: asyncpg.Connection
 ) -> None:
     # Given a key received once
     first = Receipt("auth:id:1:u:7", T0, T0 - timedelta(seconds=1))
-    assert await receipts.remember([first]) == {first.key: first}
+    assert await receipts.remember([first], counted) == {first.key: first}
     # When a batch holds a copy of it (later stamps), a new key twice, and a third key
     copy = Receipt(first.key, T0 + timedelta(minutes=5), T0 + timedelta(minutes=5))
     new = Receipt("auth:id:1:u:8", T0 + timedelta(minutes=6), T0 + timedelta(minutes=6))
     new_again = Receipt(new.key, T0 + timedelta(minutes=7), T0 + timedelta(minutes=7))
     other = Receipt("auth:id:1:v:8", T0 + timedelta(minutes=8), T0 + timedelta(minutes=8))
-    stored = await receipts.remember([copy, new, new_again, other])
+    stored = await receipts.remember([copy, new, new_again, other], counted)
     # Then every key comes back with its first receipt: the stored row wins over the copy, the
     # batch's first occurrence over its later one (one statement, no "row touched twice")
     assert stored == {first.key: first, new.key: new, other.key: other}
@@ -52,7 +57,34 @@ async def test_the_store_keeps_the_first_receipt_of_each_key(
         new,
         other,
     ]
-    assert await receipts.remember([]) == {}
+    assert await receipts.remember([], counted) == {}
+
+
+async def test_a_stored_receipt_that_does_not_count_is_replaced(
+    db: Settings, pg: asyncpg.Connection
+) -> None:
+    # Given five keys stored at T0 (by attempts the caller will judge)
+    keys = ["kept-at", "kept-below", "above", "unknown", "void"]
+    stored = [Receipt(k, T0, T0 - timedelta(seconds=1)) for k in keys]
+    await receipts.remember(stored, lambda _k: Settled(None))
+    # When copies come with later stamps, each with what is known to count for its key
+    later = T0 + timedelta(minutes=1)
+    bounds = {
+        "kept-at": Settled(T0),  # committed up to exactly its stamp
+        "kept-below": Settled(later, (T0 - timedelta(hours=1), T0 - timedelta(seconds=1))),
+        "above": Settled(T0 - timedelta(microseconds=1)),  # stored after the last commit
+        "unknown": Settled(None),  # no high-water known
+        "void": Settled(later, (T0 - timedelta(seconds=1), T0)),  # a failed attempt's stamps
+    }
+    got = await receipts.remember([Receipt(k, later, later) for k in keys], bounds.__getitem__)
+    # Then the rows that count are kept, the others take this attempt's stamps
+    fresh = {k: Receipt(k, later, later) for k in ("above", "unknown", "void")}
+    expected = {**{r.key: r for r in stored[:2]}, **fresh}
+    assert got == expected
+    rows = await pg.fetch("SELECT key, received_at, stamped_at FROM event_receipts")
+    assert {r["key"]: Receipt(r["key"], r["received_at"], r["stamped_at"]) for r in rows} == (
+        expected
+    )
 
 
 @pytest.fixture

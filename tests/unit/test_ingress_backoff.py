@@ -4,13 +4,14 @@ fails every time costs a retry now and then, not a busy loop (issue 11)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import pika.exceptions
 
 from actors.ingress import Ingress
 from actors.stamping import ReceiptsUnavailable
 from sessiond.config import Settings
-from storage.receipts import Receipt
+from storage.receipts import Receipt, Settled
 
 
 class Recorder(threading.Event):
@@ -28,7 +29,7 @@ class Recorder(threading.Event):
         return self.is_set()
 
 
-def unreachable(_batch: list[Receipt]) -> dict[str, Receipt]:
+def unreachable(_batch: list[Receipt], _settled: Callable[[str], Settled]) -> dict[str, Receipt]:
     raise ReceiptsUnavailable("never called: _consume fails first")
 
 
