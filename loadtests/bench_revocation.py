@@ -102,9 +102,9 @@ def summary(
     out: dict[str, Any] = {"source": source, "trials": len(delays)}
     if delays:
         ordered = sorted(delays)
-        out["median"] = round(statistics.median(ordered), 1)
-        out["p90"] = round(ordered[int(0.9 * (len(ordered) - 1))], 1)
-        out["max"] = round(ordered[-1], 1)
+        out["median_ms"] = round(statistics.median(ordered), 1)
+        out["p90_ms"] = round(ordered[int(0.9 * (len(ordered) - 1))], 1)
+        out["max_ms"] = round(ordered[-1], 1)
     out["failures"] = sum(failures.values())
     out["failure_kinds"] = dict(failures)
     out["refused_with"] = {str(k): v for k, v in sorted(statuses.items())}
