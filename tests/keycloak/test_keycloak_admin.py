@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from loadtests import keycloak_plugin as kc
 from sessiond.errors import InvalidEvent
 from sessiond.events import Event
 from sessiond.keycloak import KeycloakDecoder, bindings
 from sessiond.keycloak_admin import lookup_user_id
-from tests.keycloak import admin_shapes as kc
 from tests.keycloak.test_keycloak_decoder import encode as encode_client
 from tests.keycloak.test_keycloak_decoder import message as client_message
 

@@ -1,11 +1,10 @@
 """Keycloak admin events end to end on real servers, with the default bindings: the plugin's exact
-shapes (``tests/keycloak/admin_shapes.py``) published with pika to ``amq.topic`` → sessiond's
+shapes (``loadtests/keycloak_plugin.py``) published with pika to ``amq.topic`` → sessiond's
 ``sessiond.keycloak`` queue → ingress → partition actors (owner lookup) → PostgreSQL + Redis →
 the in-process API refuses the revoked tokens; lifecycle events go out with the new reasons."""
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -19,14 +18,13 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors import deadletter
-from sessiond import amqp
+from loadtests import keycloak_plugin as kc
 from sessiond.config import Settings
 from storage.activity import ACTIVITY_KEY, SESSION_ACTIVITY_KEY
 from storage.keys import session_field
 from tests.api.conftest import Api, ApiFactory, api_factory, mint
 from tests.conftest import Amqp, Process, async_wait_until, wait_until
-from tests.keycloak import admin_shapes as kc
-from tests.keycloak.test_keycloak_pipeline import EXCHANGE, QUEUE, plugin_message
+from tests.keycloak.test_keycloak_pipeline import QUEUE
 from tests.outbox.support import EventsOut
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ def worker(
     argv = [sys.executable, "-m", "sessiond.cli", "worker", "--processes", "2", "--threads", "2"]
     env = {
         **test_env,
-        "SESSIOND_KEYCLOAK_EXCHANGE": EXCHANGE,
+        "SESSIOND_KEYCLOAK_EXCHANGE": kc.EXCHANGE,
         "SESSIOND_KEYCLOAK_ACTIVITY_EVENTS": "REFRESH_TOKEN,CODE_TO_TOKEN",
         "SESSIOND_OUTBOX_POLL_S": "0.1",
     }
@@ -54,29 +52,8 @@ def worker(
     assert proc.stop() == 0, proc.output()[-3000:]
 
 
-class Plugin:
-    """Publishes as the plugin does: ``amq.topic``, pretty JSON, transient, no confirms."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.conn = pika.BlockingConnection(amqp.connection_parameters(settings))
-        self.ch = self.conn.channel()
-
-    def publish(self, key: str, body: dict[str, Any] | bytes) -> None:
-        data = json.dumps(body, indent=2).encode() if isinstance(body, dict) else body
-        props = pika.BasicProperties(content_type="application/json", content_encoding="UTF-8")
-        self.ch.basic_publish(EXCHANGE, key, data, props)
-
-    def admin(self, pair: tuple[str, dict[str, Any]]) -> None:
-        self.publish(*pair)
-
-    def client(
-        self, event_type: str, user: str, sid: str, *, ago_s: float = 5, **extra: Any
-    ) -> None:
-        """A client event ``ago_s`` seconds old (recent: the idle timeout must not bite)."""
-        key = f"KK.EVENT.CLIENT.{kc.REALM_NAME}.SUCCESS.web.{event_type}"
-        body = plugin_message(event_type, user, sid, **extra)
-        body["time"] = int((time.time() - ago_s) * 1000)
-        self.publish(key, body)
+class Plugin(kc.Plugin):
+    """The plugin's publisher, and whether sessiond's queue is consumed yet."""
 
     def consumed(self) -> bool:
         try:
@@ -85,10 +62,6 @@ class Plugin:
             self.ch = self.conn.channel()
             return False
         return bool(ok.method.consumer_count)
-
-    def close(self) -> None:
-        if self.conn.is_open:
-            self.conn.close()
 
 
 @pytest.fixture

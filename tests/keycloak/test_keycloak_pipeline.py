@@ -18,6 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors import deadletter
+from loadtests.keycloak_plugin import CLIENT_TIME_MS as TIME_MS
+from loadtests.keycloak_plugin import EXCHANGE
+from loadtests.keycloak_plugin import client_message as plugin_message
 from sessiond import amqp
 from sessiond.config import Settings
 from tests.conftest import Amqp, Process, async_wait_until, cache_entry_when, wait_until
@@ -25,9 +28,7 @@ from tests.outbox.support import EventsOut
 
 pytestmark = pytest.mark.integration
 
-EXCHANGE = "amq.topic"
 QUEUE = Settings.model_fields["keycloak_queue"].default
-TIME_MS = 1_772_366_400_123  # 2026-03-01T12:00:00.123Z
 
 
 @pytest.fixture(scope="module")
@@ -88,22 +89,6 @@ def keycloak(worker: Process, settings: Settings, broker_client: Amqp) -> Iterat
         yield kc
     finally:
         kc.close()
-
-
-def plugin_message(event_type: str, user_id: str, session_id: str, **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "@class": "com.github.aznamier.keycloak.event.provider.EventClientNotificationMqMsg",
-        "time": TIME_MS,
-        "type": event_type,
-        "realmId": "0f5c9e1a-7d1c-4f5e-9d43-realm",
-        "clientId": "web",
-        "userId": user_id,
-        "sessionId": session_id,
-        "ipAddress": "10.0.0.7",
-        "details": {"auth_method": "openid-connect", "username": "john"},
-    }
-    body.update(extra)
-    return body
 
 
 async def status_of(pg: asyncpg.Connection, user_id: str) -> str | None:

@@ -1,4 +1,5 @@
-"""Keycloak admin events exactly as the RabbitMQ plugin publishes them (test fixtures).
+"""Keycloak events exactly as its RabbitMQ plugin publishes them: one source for the tests
+(``tests/keycloak``) and the revocation bench (``loadtests.bench_revocation``).
 
 Shapes taken from the sources, not invented:
 - body: aznamier/keycloak-event-listener-rabbitmq ``EventAdminNotificationMqMsg.create`` copies
@@ -15,7 +16,9 @@ Shapes taken from the sources, not invented:
   ``ACTION``, ``users/<id>/logout``), ``UserResource.deleteUser`` (``USER``, ``DELETE``,
   ``users/<id>``), ``UserResource.updateUser`` (``USER``, ``UPDATE``, ``users/<id>``,
   representation = the request's ``UserRepresentation``); ``AdminEventBuilder.resourcePath``
-  strips ``/admin/realms/<realm>/``, ``AdminEventBuilder.representation`` writes a JSON string.
+  strips ``/admin/realms/<realm>/``, ``AdminEventBuilder.representation`` writes a JSON string;
+- client events: ``EventClientNotificationMqMsg`` (a copy of Keycloak's ``Event``) under
+  ``KK.EVENT.CLIENT.<realm>.<SUCCESS|ERROR>.<clientId>.<type>``.
 """
 
 from __future__ import annotations
@@ -24,7 +27,15 @@ import json
 import time
 from typing import Any
 
+import pika
+
+from sessiond import amqp
+from sessiond.config import Settings
+
+EXCHANGE = "amq.topic"  # the plugin's default (KK_TO_RMQ_EXCHANGE)
 ADMIN_CLASS = "com.github.aznamier.keycloak.event.provider.EventAdminNotificationMqMsg"
+CLIENT_CLASS = "com.github.aznamier.keycloak.event.provider.EventClientNotificationMqMsg"
+CLIENT_TIME_MS = 1_772_366_400_123  # 2026-03-01T12:00:00.123Z
 REALM_ID = "5b0f0c64-7a0e-4a57-9a2b-2f1d8c1e0001"
 REALM_NAME = "myrealm"
 TIME_MS = 1_772_366_460_000  # 2026-03-01T12:01:00Z
@@ -93,3 +104,49 @@ def logout_all() -> tuple[str, dict[str, Any]]:
     return routing_key("REALM", "ACTION"), admin_message(
         "REALM", "ACTION", "logout-all", representation=result
     )
+
+
+def client_message(event_type: str, user_id: str, session_id: str, **extra: Any) -> dict[str, Any]:
+    """A client event of client ``web``; ``extra`` replaces fields (``time`` included)."""
+    body: dict[str, Any] = {
+        "@class": CLIENT_CLASS,
+        "time": CLIENT_TIME_MS,
+        "type": event_type,
+        "realmId": "0f5c9e1a-7d1c-4f5e-9d43-realm",
+        "clientId": "web",
+        "userId": user_id,
+        "sessionId": session_id,
+        "ipAddress": "10.0.0.7",
+        "details": {"auth_method": "openid-connect", "username": "john"},
+    }
+    body.update(extra)
+    return body
+
+
+class Plugin:
+    """Publishes as the plugin does: ``amq.topic``, pretty JSON, transient, no confirms."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.conn = pika.BlockingConnection(amqp.connection_parameters(settings))
+        self.ch = self.conn.channel()
+
+    def publish(self, key: str, body: dict[str, Any] | bytes) -> None:
+        data = encode(body) if isinstance(body, dict) else body
+        props = pika.BasicProperties(content_type="application/json", content_encoding="UTF-8")
+        self.ch.basic_publish(EXCHANGE, key, data, props)
+
+    def admin(self, pair: tuple[str, dict[str, Any]]) -> None:
+        self.publish(*pair)
+
+    def client(
+        self, event_type: str, user: str, sid: str, *, ago_s: float = 5, **extra: Any
+    ) -> None:
+        """A client event ``ago_s`` seconds old (recent: the idle timeout must not bite)."""
+        key = f"KK.EVENT.CLIENT.{REALM_NAME}.SUCCESS.web.{event_type}"
+        body = client_message(event_type, user, sid, **extra)
+        body["time"] = int((time.time() - ago_s) * 1000)
+        self.publish(key, body)
+
+    def close(self) -> None:
+        if self.conn.is_open:
+            self.conn.close()
