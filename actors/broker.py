@@ -21,7 +21,7 @@ from dramatiq.middleware import (
 )
 
 from actors import stamping
-from actors.consumer import ChannelBoundBroker, SkipClosedChannel
+from actors.consumer import ChannelBoundBroker
 from actors.ingress import IngressMiddleware
 from actors.retry import AgeLimit, BudgetRetries
 from actors.runtime import Runtime, StorageMiddleware
@@ -64,7 +64,6 @@ def build_broker(
 ) -> Broker:
     amqp.warn_if_plaintext(settings)
     middleware = [
-        SkipClosedChannel(),  # first: nothing else runs for a message RabbitMQ redelivers
         AgeLimit(),
         TimeLimit(time_limit=60_000),
         ShutdownNotifications(),

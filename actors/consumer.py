@@ -15,13 +15,13 @@ rejects) only its own deliveries. A message of a closed channel is dropped from 
 acknowledgement: RabbitMQ has already put it back in its queue when that channel closed, so it is
 applied again (a duplicate, which the de-duplication ledger makes a no-op).
 
-A message whose own channel is closed is not acknowledged on it either, and not processed:
-Dramatiq would try the ack, meet the dead connection and sleep 5 s in ``post_process_message``
-before trying again, once per message in hand, and the worker threads would go on applying the
-rest of the old channel's prefetch, every message of which RabbitMQ is redelivering anyway. A
-RabbitMQ restart held the workers ~26 s that way while the new channel's deliveries (a logout
-among them) waited behind (docs/reliability.md, "late, not lost"). ``SkipClosedChannel`` skips
-such a message before its actor runs; the ack of one already running is dropped at once.
+A message whose own channel is closed is not acknowledged on it either: Dramatiq would try the
+ack, meet the dead connection and sleep 5 s in ``post_process_message`` before trying again, once
+per message in hand, until the consumer thread has reconnected. A RabbitMQ restart held the
+workers ~26 s that way while the new channel's deliveries (a logout among them) waited behind
+(docs/reliability.md, "late, not lost"). Such an ack is dropped at once; the message itself is
+still applied (during an outage of the broker alone that is the only way it is applied before the
+broker is back), and its redelivery is then a duplicate.
 """
 
 from __future__ import annotations
@@ -29,9 +29,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from dramatiq import Middleware
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
-from dramatiq.middleware import SkipMessage
 
 log = logging.getLogger(__name__)
 
@@ -70,21 +68,6 @@ class ChannelBoundConsumer(_RabbitmqConsumer):  # type: ignore[misc]
     def nack(self, message: Any) -> None:
         if self._owns(message, "nack"):
             super().nack(message)  # type: ignore[no-untyped-call]
-
-
-def delivered_on_closed_channel(message: Any) -> bool:
-    """The message came from a channel that is closed now (RabbitMQ has put it back)."""
-    owner = getattr(message, _OWNER, None)
-    return isinstance(owner, ChannelBoundConsumer) and not owner.open
-
-
-class SkipClosedChannel(Middleware):  # type: ignore[misc]
-    """Skips a message whose channel closed while it waited in the worker's memory: its
-    redelivery on the new channel is the one to apply (its ack is then dropped, see above)."""
-
-    def before_process_message(self, broker: Any, message: Any) -> None:
-        if delivered_on_closed_channel(message):
-            raise SkipMessage("its channel is closed; RabbitMQ redelivers it")
 
 
 class ChannelBoundBroker(RabbitmqBroker):  # type: ignore[misc]
