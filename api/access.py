@@ -27,10 +27,6 @@ Degraded modes (never a wrong 200):
   PostgreSQL; a refill refused by the version guard is a stale read, never served
   (``api.cachetrust``).
 - PostgreSQL unreachable: a cache hit still answers; a miss is 503 (``DependencyUnavailable``).
-- Redis slow, not failing (a paused server, a cluster's retries): each Redis call gets half the
-  decision's deadline (``SESSIOND_DECISION_DEADLINE_S``, ``api.decision``); past it the call is
-  a Redis failure like any other (bypass, probe), so this request still has the other half for
-  PostgreSQL and the next ones go there at once instead of each waiting out the deadline.
 """
 
 from __future__ import annotations
@@ -38,9 +34,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from api.cachetrust import REDIS_UNAVAILABLE, RedisTrust, refill
 from api.metrics import Metrics
@@ -56,7 +52,6 @@ from storage.state import load_snapshot
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Clock = Callable[[], float]
 """Epoch seconds; injectable so that idle timeouts can be tested without waiting."""
 
@@ -88,20 +83,6 @@ class Grant:
     def __init__(self, principal: Principal, user: dict[str, Any]) -> None:
         self.principal = principal
         self.user = user
-
-
-async def _detached(call: Coroutine[Any, Any, T]) -> T:
-    """``call`` in a task of its own, so that cancelling the caller (the decision's deadline)
-    returns at once: asyncpg's cleanup of a cancelled query waits for PostgreSQL to confirm the
-    cancel, without a bound, so a stopped server would hold the answer past any deadline. The
-    task is cancelled and finishes on its own, giving its connection back to the pool."""
-    task = asyncio.ensure_future(call)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        task.cancel()
-        task.add_done_callback(lambda done: done.cancelled() or done.exception())
-        raise
 
 
 def _epoch(value: Any) -> float | None:
@@ -147,7 +128,6 @@ class UserLoader:
             for future in batch.values():
                 if not future.done():
                     future.set_exception(exc)
-                    future.exception()  # retrieved: its callers may all have timed out
             return
         for future, value in zip(batch.values(), values, strict=True):
             if not future.done():
@@ -169,7 +149,6 @@ class AccessControl:
         idle_timeout_s: float,
         session_max_s: float | None = None,
         idle_scope: IdleScope = "session",
-        decision_deadline_s: float,
     ) -> None:
         self.tokens = tokens
         self.cache = cache
@@ -186,8 +165,6 @@ class AccessControl:
         self._decisions = metrics.decisions
         self._cache_hits = metrics.cache
         self.trust = RedisTrust(cache.client)
-        self.decision_deadline_s = decision_deadline_s
-        self.redis_timeout_s = decision_deadline_s / 2
 
     @property
     def redis_down(self) -> bool:
@@ -204,34 +181,22 @@ class AccessControl:
     async def close(self) -> None:
         await self.trust.close()
 
-    async def _redis(self, call: Awaitable[T]) -> T:
-        """``call`` within ``redis_timeout_s``, else ``TimeoutError`` (an ``OSError``, so one of
-        ``REDIS_UNAVAILABLE``: the caller's usual Redis-failure path). Cancelling a redis-py
-        command mid-way is safe: the client drops that connection rather than reuse it with a
-        reply still due; nothing of ours is held across the call."""
-        async with asyncio.timeout(self.redis_timeout_s):
-            return await call
-
     async def _load(self, user_id: str, *, refill_cache: bool = False) -> UserSnapshot | None:
         """The row (``None``: unknown user); ``refill_cache`` on a miss of a usable Redis."""
         try:
-            snapshot = await _detached(load_snapshot(user_id))
+            snapshot = await load_snapshot(user_id)
         except DB_UNAVAILABLE as exc:
             raise DependencyUnavailable(f"postgres: {type(exc).__name__}") from exc
         if not refill_cache or snapshot is None:
             return snapshot
-        return await refill(
-            self.cache, self.trust, snapshot, self._load, timeout_s=self.redis_timeout_s
-        )
+        return await refill(self.cache, self.trust, snapshot, self._load)
 
     async def _cached(self, user_id: str) -> tuple[bool, bytes | None]:
         """``(usable, raw)``: whether Redis answered, and the cached bytes (``None``: a miss)."""
         if self._redis_down:
             return False, None
         try:
-            # Shielded: the future is shared by the batch; one caller's timeout or deadline must
-            # not cancel it for the others (they would get a CancelledError, not an answer).
-            return True, await self._redis(asyncio.shield(self.loader.get(user_id)))
+            return True, await self.loader.get(user_id)
         except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
             return False, None
@@ -242,7 +207,7 @@ class AccessControl:
         same round trip), else ``not_connected``. ``None``: not gone, or unknown when Redis
         fails (PostgreSQL decides)."""
         try:
-            return await self._redis(gone_reason(self.redis, user_id))
+            return await gone_reason(self.redis, user_id)
         except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
             return None
@@ -351,7 +316,7 @@ class AccessControl:
         if self._redis_down:
             raise DependencyUnavailable("redis: pending activity unknown")
         try:
-            return await self._redis(self.activity.pending(user_id, session_id))
+            return await self.activity.pending(user_id, session_id)
         except REDIS_UNAVAILABLE as exc:
             self._redis_failed(exc)
             raise DependencyUnavailable("redis: pending activity unknown") from exc
@@ -389,7 +354,7 @@ class AccessControl:
         pending = None
         if not self._redis_down:
             try:
-                pending = await self._redis(self.activity.pending(user_id))
+                pending = await self.activity.pending(user_id)
             except REDIS_UNAVAILABLE as exc:  # informative field: answer with what is known
                 self._redis_failed(exc)
         if pending is not None:

@@ -142,7 +142,6 @@ async def _open(app: App) -> None:
         idle_timeout_s=settings.idle_timeout_s,
         idle_scope=settings.idle_scope,
         session_max_s=settings.session_max_s,
-        decision_deadline_s=settings.decision_deadline_s,
     )
     if ctx.tokens.keys is not None:
         await ctx.tokens.keys.refresh(force=True)

@@ -82,16 +82,11 @@ async def refill(
     trust: RedisTrust,
     snapshot: UserSnapshot,
     load: Callable[[str], Awaitable[UserSnapshot | None]],
-    *,
-    timeout_s: float,
 ) -> UserSnapshot | None:
     """Writes a miss's row back (version-guarded) and returns what to decide on: the row, or,
-    when the guard refused it, the row read again (``None``: the user is gone). Each Redis call
-    gets ``timeout_s`` (past it: a Redis failure, ``TimeoutError`` being an ``OSError``); both are
-    single scripts, so a cancelled one has either run whole or not at all."""
+    when the guard refused it, the row read again (``None``: the user is gone)."""
     try:
-        async with asyncio.timeout(timeout_s):
-            newer = await cache.refill(snapshot)
+        newer = await cache.refill(snapshot)
     except REDIS_UNAVAILABLE as exc:  # PostgreSQL answered; the refill can wait
         trust.failed(exc)
         return snapshot
@@ -108,8 +103,7 @@ async def refill(
             extra={"user_id": snapshot.user_id, "cached": newer, "row": row.version},
         )
         try:
-            async with asyncio.timeout(timeout_s):
-                await cache.reset([(Ahead(snapshot.user_id, newer), row)])
+            await cache.reset([(Ahead(snapshot.user_id, newer), row)])
         except REDIS_UNAVAILABLE as exc:
             trust.failed(exc)
     return fresh

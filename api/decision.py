@@ -4,11 +4,6 @@ differ in how they write its ``Decision`` down. So a 200 here is a 200 there, a 
 is the same reason there, and a dependency outage is an outage everywhere (503 / UNAVAILABLE),
 never a refusal or a grant.
 
-Deadline (``SESSIOND_DECISION_DEADLINE_S``): a decision not made within it is an outage answer,
-raised here as ``DependencyUnavailable`` so each protocol writes it as it writes any outage. A
-proxy waiting on a hung decision would otherwise time out on its own terms (nginx's 502/500, an
-Envoy ``status_on_error``) after its own timeout, or hold the client for as long as Redis retries.
-
 Identity headers (CONTRACT §9): ``X-User-Id``, ``X-User-Email``, ``X-Session-Id`` are always all
 three on a grant, empty when unknown, so that a proxy configured to copy them always overwrites
 whatever the client sent. Their values are encoded injectively: see ``header_value``.
@@ -16,7 +11,6 @@ whatever the client sent. Their values are encoded injectively: see ``header_val
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Final
 from urllib.parse import quote
@@ -77,28 +71,11 @@ class Decision:
 
 async def decide(access: AccessControl, authorization: str | None, route: str) -> Decision:
     """The decision for an ``Authorization`` header value, counted and journaled under ``route``.
-    Raises one of ``UNAVAILABLE`` when it cannot be made, ``DependencyUnavailable("deadline:
-    ...")`` when not within ``access.decision_deadline_s``.
-
-    The deadline cancels whatever ``authorize`` awaits. That leaves no state half-changed: it
-    writes nothing but the in-memory recorder (synchronously, once decided); redis-py drops a
-    connection cancelled mid-command; asyncpg cancels the query and resets or discards its
-    connection; the users' shared Redis read is shielded (``AccessControl._cached``); the Redis
-    bypass flag changes only on a Redis failure, and a deadline alone is not one: it may expire
-    in PostgreSQL as well. Redis's share is bounded on its own, at half the deadline
-    (``AccessControl._redis``), so a slow Redis is detected as such, bypassed, and the request
-    answered from PostgreSQL in the other half; the deadline is what bounds the rest."""
-    budget = asyncio.timeout(access.decision_deadline_s)
+    Raises one of ``UNAVAILABLE`` when it cannot be made."""
     try:
-        async with budget:
-            grant = await access.authorize(authorization, route)
+        grant = await access.authorize(authorization, route)
     except TokenError as exc:
         return Decision(401, reason=exc.reason)
     except Denied as exc:
         return Decision(403, reason=exc.reason)
-    except TimeoutError as exc:
-        if not budget.expired():
-            raise
-        seconds = access.decision_deadline_s
-        raise DependencyUnavailable(f"deadline: {route} undecided after {seconds:g} s") from exc
     return Decision(200, grant=grant)

@@ -93,9 +93,6 @@ class Settings(BaseSettings):
     expiry_period_s: float = Field(default=60.0, gt=0)
     expiry_batch_size: int = Field(default=5000, ge=1)
     session_max_s: int | None = None
-    # The longest a forward-auth decision may take, whatever the protocol (``api.decision``):
-    # past it the answer is 503 / gRPC UNAVAILABLE, never a grant. Below the proxies' timeouts.
-    decision_deadline_s: float = Field(default=3.0, gt=0)
     max_sessions_per_user: int | None = None
 
     # Tokens (CONTRACT §2).

@@ -4,19 +4,15 @@ or as ``sessiond api`` processes; requests go over TCP with urllib, never throug
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import signal
 import socket
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.message import Message
-from pathlib import Path
 from typing import Any
 
 import jwt
@@ -25,7 +21,6 @@ from sanic import Sanic
 
 from api.app import create_app
 from api.context import App
-from sessiond import stack
 from sessiond.config import Settings
 from sessiond.events import Event
 from storage.cache import Cache
@@ -184,52 +179,3 @@ async def api_factory(migrated: Settings, cache: Cache) -> AsyncIterator[ApiFact
 @pytest.fixture
 async def api(api_factory: ApiFactory) -> Api:
     return await api_factory()
-
-
-@pytest.fixture
-def redis_pid(stack_config: stack.StackConfig) -> Iterator[int]:
-    """This stack's redis-server (from its pidfile, checked to be the one on our port); it is
-    resumed whatever the test does."""
-    pid = int(Path(stack_config.pidfile("redis")).read_text().strip())
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    assert "redis-server" in cmdline and f":{stack_config.redis_port}" in cmdline, cmdline
-    try:
-        yield pid
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:  # gone meanwhile
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                found.append(int(entry.name))
-    return found
-
-
-@pytest.fixture
-def pause_postgres(stack_config: stack.StackConfig) -> Iterator[Callable[[], None]]:
-    """Stops this stack's PostgreSQL when called: the postmaster and its children of that moment
-    (the backends of the pools already open), since every one of them would go on answering.
-    Everything stopped is resumed whatever the test does."""
-    stopped: list[int] = []
-
-    def pause() -> None:
-        pid = int((stack_config.dir("postgres") / "postmaster.pid").read_text().split()[0])
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        assert f"-p {stack_config.pg_port}" in cmdline, cmdline
-        for each in (pid, *_children(pid)):
-            os.kill(each, signal.SIGSTOP)
-            stopped.append(each)
-
-    try:
-        yield pause
-    finally:
-        for each in stopped:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(each, signal.SIGCONT)

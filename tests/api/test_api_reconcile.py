@@ -241,7 +241,7 @@ async def test_a_refused_refill_is_not_served(api: Api) -> None:
     access = api.app.ctx.access
 
     # When the stale read is written back, the guard refuses it: the row is read again
-    answer = await refill(api.cache, access.trust, stale, load_snapshot, timeout_s=2.0)
+    answer = await refill(api.cache, access.trust, stale, load_snapshot)
 
     # Then what the caller decides on is the fresh row, and Redis keeps the logout
     assert answer is not None and answer.status == "disconnected"

@@ -13,9 +13,12 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from sessiond import stack
 from storage.cache import user_key
 from tests.api.conftest import Api, ApiFactory, Reply, mint
 
@@ -23,6 +26,19 @@ pytestmark = pytest.mark.integration
 
 PAUSE_S = 16.0  # the issue's reproduction; the old reconciler looked 10 s back
 ADMIN = mint("root", roles=["admin"], ttl=86_400)  # minted at collection: outlives the suite
+
+
+@pytest.fixture
+def redis_pid(stack_config: stack.StackConfig) -> Iterator[int]:
+    """This stack's redis-server (from its pidfile, checked to be the one on our port); it is
+    resumed whatever the test does."""
+    pid = int(Path(stack_config.pidfile("redis")).read_text().strip())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    assert "redis-server" in cmdline and f":{stack_config.redis_port}" in cmdline, cmdline
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 async def check(api: Api, user_id: str) -> Reply:

@@ -29,8 +29,6 @@ from tests.conftest import ROOT
 
 api_factory = api_fixtures.api_factory
 api = api_fixtures.api
-redis_pid = api_fixtures.redis_pid
-pause_postgres = api_fixtures.pause_postgres
 
 DOCS = ROOT / "docs" / "proxies"
 VENV_BIN = Path(sys.executable).parent

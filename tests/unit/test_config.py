@@ -19,7 +19,6 @@ def test_defaults_match_the_contract() -> None:
     assert s.events_exchange == "auth.events"
     assert s.partitions == 8
     assert s.jwt_leeway_s == 30
-    assert s.decision_deadline_s == 3.0
 
 
 def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -75,12 +74,7 @@ def test_placeholder_is_harmless_without_hmac_and_allowed_in_development(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [
-        ("amqp_url", "http://x"),
-        ("database_url", "mysql://x"),
-        ("partitions", 0),
-        ("decision_deadline_s", 0),
-    ],
+    [("amqp_url", "http://x"), ("database_url", "mysql://x"), ("partitions", 0)],
 )
 def test_bad_values_fail_fast(field: str, value: object) -> None:
     with pytest.raises(ValidationError):
