@@ -57,8 +57,7 @@ class Stamper:
         receipt = self.clock.next()
         restored = deadletter.restored_stamps(headers)
         if restored is not None:
-            received = min(restored[0], receipt)
-            return Stamps(received, min(restored[1], received))
+            return given_back(min(restored[0], receipt), restored[1])
         ts = timestamp_of(timestamp)
         stamp = receipt
         if ts is not None:
@@ -110,6 +109,12 @@ class Settlement:
         return Settled(self._upto.get(source), self._void.get(source))
 
 
+def given_back(received: datetime, stamped: datetime) -> Stamps:
+    """Stamps an event gets back (a replayed dead letter's, a copy's first receipt): the one
+    rule for both, never stamped after the receipt."""
+    return Stamps(received, min(stamped, received))
+
+
 def stamp_keyed(event: Event, stamps: Stamps) -> bool:
     """The event's time is the stamp (no ``occurred_at``, or a future one clamped to the receipt)
     and a copy would say so by its ``event_id``."""
@@ -122,20 +127,23 @@ def first_receipts(
     """Each event (with the name of its source) with the stamps of its first receipt: its own for
     a first copy, the stored ones for a later copy (in a committed batch, or earlier in this
     one). One call to ``remember`` for the batch, none when no event needs it."""
+    keys = [
+        event.dedup_key() if stamp_keyed(event, stamps) else None for _s, event, stamps in decoded
+    ]
     wanted: list[Receipt] = []
     settled: dict[str, Settled] = {}
-    for source, event, stamps in decoded:
-        if stamp_keyed(event, stamps):
-            wanted.append(Receipt(event.dedup_key(), stamps.received_at, stamps.stamped_at))
-            settled[event.dedup_key()] = settlement.of(source)
+    for (source, _event, stamps), key in zip(decoded, keys, strict=True):
+        if key is not None:
+            wanted.append(Receipt(key, stamps.received_at, stamps.stamped_at))
+            settled[key] = settlement.of(source)
     if not wanted:
         return [(event, stamps) for _source, event, stamps in decoded]
     stored = remember(wanted, settled.__getitem__)
     out: list[tuple[Event, Stamps]] = []
-    for _source, event, stamps in decoded:
-        first = stored.get(event.dedup_key()) if stamp_keyed(event, stamps) else None
+    for (_source, event, stamps), key in zip(decoded, keys, strict=True):
+        first = stored.get(key) if key is not None else None
         if first is not None and first.received_at < stamps.received_at:
-            stamps = Stamps(first.received_at, min(first.stamped_at, first.received_at))
+            stamps = given_back(first.received_at, first.stamped_at)
             event = dataclasses.replace(event, occurred_at=first.received_at)
         out.append((event, stamps))
     return out
