@@ -137,8 +137,12 @@ def start(cfg: StackConfig) -> None:
         ensure_database(cfg, db)
 
 
+def has_database(cfg: StackConfig, name: str) -> bool:
+    return psql(cfg, f"SELECT 1 FROM pg_database WHERE datname='{name}'") == "1"
+
+
 def ensure_database(cfg: StackConfig, name: str) -> None:
-    if not psql(cfg, f"SELECT 1 FROM pg_database WHERE datname='{name}'"):
+    if not has_database(cfg, name):
         psql(cfg, f'CREATE DATABASE "{name}" OWNER {USER}')
 
 

@@ -190,14 +190,10 @@ def ensure_database(cfg: ClusterConfig, db: str) -> None:
     only when a server is starting up), which a test's fresh database would otherwise hit."""
     primary = next(n for n in (cfg.postgres(p) for p in PLACES) if role(n) == "primary")
     postgres.ensure_database(primary, db)
-    exists = f"SELECT 1 FROM pg_database WHERE datname='{db}'"
     for node in (cfg.postgres(p) for p in PLACES):
         if role(node) == "standby":
-            wait(partial(_has_row, node, exists), name("standby"), 30, postgres.logfile(node))
-
-
-def _has_row(node: StackConfig, sql: str) -> bool:
-    return postgres.psql(node, sql) == "1"
+            wait(partial(postgres.has_database, node, db), name("standby"), 30,
+                 postgres.logfile(node))  # fmt: skip
 
 
 def status(cfg: ClusterConfig) -> dict[str, dict[str, Any]]:
