@@ -339,7 +339,7 @@ class Process:
     """A sessiond process (worker, API, scheduler) started like an operator would start it."""
 
     def __init__(self, argv: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
+        self.log, self.argv = log, argv
         self.handle = log.open("wb")
         self.proc = subprocess.Popen(
             argv, env={**os.environ, **env}, cwd=ROOT, stdout=self.handle,
@@ -366,9 +366,24 @@ class Process:
         return self.log.read_text(errors="replace")
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keeps each phase's report on the test item, so a fixture can tell that its test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+LOG_TAIL_LINES = 60
+
+
 @pytest.fixture
-def spawn(test_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Process]]:
-    """Starts ``sessiond <args>`` processes; all are stopped (SIGTERM) at the end of the test."""
+def spawn(
+    test_env: dict[str, str], tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Process]]:
+    """Starts ``sessiond <args>`` processes; all are stopped (SIGTERM) at the end of the test.
+    When the test failed, the tail of each process's log is written to the test's output: a CI
+    run on a machine that is gone leaves nothing else to read."""
     started: list[Process] = []
 
     def start(*args: str, env: dict[str, str] | None = None) -> Process:
@@ -380,3 +395,9 @@ def spawn(test_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., Pr
     yield start
     for proc in started:
         proc.stop()
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        for proc in started:
+            tail = proc.output().splitlines()[-LOG_TAIL_LINES:]
+            sys.stderr.write(f"--- {' '.join(proc.argv[3:])} ({proc.log.name}) ---\n")
+            sys.stderr.write("\n".join(tail) + "\n")

@@ -14,8 +14,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from sessiond.config import Settings
-from sessiond.stack import cluster, redis_cluster
+from sessiond.stack import cluster, rabbitmq, rabbitmq_cluster, redis_cluster
 from sessiond.stack.cluster_config import ClusterConfig
+from sessiond.stack.proc import StackError
 from tests.conftest import Amqp, all_queues, rebuild_schema, truncate
 
 
@@ -88,3 +89,25 @@ async def cluster_clean(
     finally:
         await redis.aclose()
     yield settings
+
+
+def broker_report(cfg: ClusterConfig, vhost: str) -> str:
+    """What the live RabbitMQ nodes say of the vhost's queues and consumers (leader, members,
+    ready and unacknowledged counts), for a fault test's failure message: the cluster is reset by
+    the next test, so this is the one moment to read it."""
+    lines: list[str] = []
+    for node in rabbitmq_cluster.nodes(cfg):
+        if not rabbitmq.running(node):
+            continue
+        for what in (
+            ("list_queues", "name", "type", "leader", "members", "messages_ready",
+             "messages_unacknowledged", "consumers", "single_active_consumer_tag"),
+            ("list_consumers", "queue_name", "channel_pid", "consumer_tag", "active"),
+        ):  # fmt: skip
+            try:
+                out = rabbitmq.rabbitmqctl(node, what[0], "-p", vhost, *what[1:], timeout=30)
+                lines.append(f"{node.rabbit_node} {what[0]}:\n{out.stdout}")
+            except StackError as exc:
+                lines.append(f"{node.rabbit_node} {what[0]}: {exc}")
+        break  # one live node's view is the cluster's
+    return "\n".join(lines)

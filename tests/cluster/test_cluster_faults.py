@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from sessiond.config import Settings
 from sessiond.stack import postgres_cluster, rabbitmq_cluster
 from sessiond.stack.cluster_config import ClusterConfig
 from tests.api.conftest import free_port, http, mint
+from tests.cluster.conftest import broker_report
 from tests.conftest import Process, wait_until
 from tests.faults._support import (
     WORKER_ARGS,
@@ -127,12 +129,17 @@ async def test_rabbitmq_node_sigkilled_mid_stream_loses_no_confirmed_event(
     recovered = time.monotonic()
     # Then every confirmed event reaches PostgreSQL once in effect, the state is what the
     # events say, and the worker went on by itself on the two remaining nodes
-    figure = await measure(
-        settings, stream, fault="RabbitMQ node SIGKILLed (quorum, 3 nodes)",
-        recovered_at=recovered, timeout=120,
-        note=f"{published_at} confirmed and {killed_at} applied at the kill;"
-        f" publisher reconnected {publisher.reconnects}x; recovery from the last confirm",
-    )  # fmt: skip
+    try:
+        figure = await measure(
+            settings, stream, fault="RabbitMQ node SIGKILLed (quorum, 3 nodes)",
+            recovered_at=recovered, timeout=120,
+            note=f"{published_at} confirmed and {killed_at} applied at the kill;"
+            f" publisher reconnected {publisher.reconnects}x; recovery from the last confirm",
+        )  # fmt: skip
+    except AssertionError:
+        vhost = amqp.parameter_kwargs(settings)["virtual_host"]
+        sys.stderr.write(broker_report(local_cluster, vhost) + "\n")
+        raise
     assert figure.applied == len(stream.events)
     assert worker.alive(), worker.output()[-3000:]
     servers = rabbitmq_cluster.status(local_cluster)
