@@ -65,10 +65,11 @@ def _conf(cfg: StackConfig) -> str:
 
 
 def rabbitmqctl(
-    cfg: StackConfig, *args: str, check: bool = True, timeout: float = 60
+    cfg: StackConfig, *args: str, check: bool = True, timeout: float = 60, tool: str = "rabbitmqctl"
 ) -> subprocess.CompletedProcess[str]:
+    """One of RabbitMQ's CLI tools (``rabbitmqctl``, ``rabbitmq-queues``) against this node."""
     return run(
-        [str(RABBIT_BIN / "rabbitmqctl"), *args],
+        [str(RABBIT_BIN / tool), *args],
         server=SERVER,
         logfile=cfg.logfile("rabbitmq"),
         env=_env(cfg),

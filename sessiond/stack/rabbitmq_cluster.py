@@ -117,6 +117,41 @@ def up(cfg: ClusterConfig) -> None:
             return False
 
     wait(joined, "rabbitmq-cluster", 60, first.logfile("rabbitmq"))
+    wait_whole(cfg)
+
+
+def quorum_critical(node: StackConfig) -> list[str]:
+    """The quorum queues that would lose their majority if ``node`` stopped now (RabbitMQ's own
+    check before a node is taken down); empty when it can go."""
+    out = rabbitmq.rabbitmqctl(
+        node, "check_if_node_is_quorum_critical", check=False, tool="rabbitmq-queues"
+    )
+    if out.returncode == 0:
+        return []
+    said = f"{out.stdout}\n{out.stderr}"  # (the queues come on stderr, the heading on stdout)
+    return [line.strip() for line in said.splitlines() if "would lose quorum" in line] or [
+        said.strip()
+    ]
+
+
+def wait_whole(cfg: ClusterConfig, timeout: float = 60) -> None:
+    """Until every quorum queue has all its members online, so that any one node may fail: a
+    node that just restarted (or a queue just declared) can take seconds to bring its members
+    back, and a second node lost meanwhile stops those queues, publishers and consumers alike
+    waiting. A queue with a member offline makes each of its other members' nodes critical, so
+    two nodes checked see every such queue."""
+    first, second, *_ = nodes(cfg)
+    last: list[str] = []
+
+    def whole() -> bool:
+        nonlocal last
+        last = quorum_critical(first) + quorum_critical(second)
+        return not last
+
+    try:
+        wait(whole, "rabbitmq-cluster quorum", timeout, first.logfile("rabbitmq"))
+    except StackError as exc:
+        raise StackError(exc.server, f"{exc.problem}: {'; '.join(last[:5])}", exc.logfile) from None
 
 
 def down(cfg: ClusterConfig) -> None:

@@ -116,6 +116,8 @@ async def test_rabbitmq_node_sigkilled_mid_stream_loses_no_confirmed_event(
     publisher = Publisher(settings, stream.events, batch=25, pause=0.1)
     publisher.start()
     await wait_applied(settings, stream, at_least=200, timeout=90)
+    # (every queue the workers declared replicated on all three nodes first: the premise)
+    rabbitmq_cluster.wait_whole(local_cluster)
     publisher.resume.set()
     time.sleep(1)
     # When node 1 is SIGKILLed mid-stream (no shutdown, its connections cut) and left dead
