@@ -93,11 +93,14 @@ class UserSnapshot:
         return cls(**data)
 
 
-# KEYS: user key, version key, gone key. ARGV: version, payload ("" = evict), ttl seconds.
-_SYNC = """
+# The one guard of every single-user write: a version older than the newest Redis has seen is
+# refused, so a slow writer never puts back what a newer commit replaced. KEYS: user key, version
+# key, gone key. ARGV: version, payload ("" = evict), ttl seconds. ``{refused}`` and
+# ``{written}`` are what each caller wants back.
+_GUARDED_WRITE = """
 local cur = tonumber(redis.call('GET', KEYS[2]) or '-1')
 local v = tonumber(ARGV[1])
-if v < cur then return 0 end
+if v < cur then return {refused} end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[3]) * 2)
 if ARGV[2] == '' then
   redis.call('DEL', KEYS[1])
@@ -106,8 +109,10 @@ else
   redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
   redis.call('DEL', KEYS[3])
 end
-return 1
+return {written}
 """
+# A writer after its commit: 1 when written, 0 when refused.
+_SYNC = _GUARDED_WRITE.format(refused="0", written="1")
 
 
 # The same guard for many users at once: KEYS are (user, version, gone) key triples; ARGV the
@@ -138,23 +143,10 @@ return done
 T = TypeVar("T")
 EVICT_CHUNK = 1000  # keeps each script run to a few milliseconds of Redis time
 
-# A refill after a miss (the API): ``_SYNC``'s guard, but a refusal answers the version Redis has
-# seen, so the caller can tell a read that a newer commit overtook from a PostgreSQL that went
-# backwards. KEYS/ARGV as ``_SYNC``; returns -1 when written.
-_REFILL = """
-local cur = tonumber(redis.call('GET', KEYS[2]) or '-1')
-local v = tonumber(ARGV[1])
-if v < cur then return cur end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', tonumber(ARGV[3]) * 2)
-if ARGV[2] == '' then
-  redis.call('DEL', KEYS[1])
-  redis.call('SET', KEYS[3], ARGV[1], 'EX', tonumber(ARGV[3]))
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'EX', tonumber(ARGV[3]))
-  redis.call('DEL', KEYS[3])
-end
-return -1
-"""
+# A refill after a miss (the API): a refusal answers the version Redis has seen, so the caller
+# can tell a read that a newer commit overtook from a PostgreSQL that went backwards; -1 when
+# written.
+_REFILL = _GUARDED_WRITE.format(refused="cur", written="-1")
 
 # The reconciler's comparison with PostgreSQL (``storage.reconcile``). KEYS: (user, version,
 # gone) key triples; ARGV: the TTL, then per user its row version and whether it is connected.
