@@ -198,5 +198,11 @@ async def test_a_failed_commit_leaves_no_first_receipt(
     )
     for field in ("received_at", "stamped_at"):
         assert copy[field] == committed[field], field
-    assert ingress.forwarded == 3  # the login, the logout (each alone), the copy
-    assert failing.forwarded == (0 if hand_over else 3)
+    # Each of the login, the logout and the copy forwarded once, whoever did it: the failing
+    # ingress may have committed the login alone before the logout reached it (a loaded machine
+    # splits the two deliveries into two batches), and then only the logout's batch failed
+    if hand_over:
+        assert failing.forwarded in (0, 1)  # nothing of the failed batch; maybe the login
+        assert failing.forwarded + ingress.forwarded == 3
+    else:
+        assert failing.forwarded == 3
