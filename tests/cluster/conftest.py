@@ -101,7 +101,7 @@ def broker_report(cfg: ClusterConfig, vhost: str) -> str:
             continue
         for what in (
             ("list_queues", "name", "type", "leader", "members", "messages_ready",
-             "messages_unacknowledged", "consumers", "single_active_consumer_tag"),
+             "messages_unacknowledged", "consumers"),  # (RabbitMQ 3.10: no SAC tag column)
             ("list_consumers", "queue_name", "channel_pid", "consumer_tag", "active"),
         ):  # fmt: skip
             try:
