@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Literal
 
 from sessiond.stack.config import PASSWORD, USER, VHOSTS, StackConfig
 from sessiond.stack.proc import StackError, kill_pidfile, port_open, read_pid, run, wait
@@ -65,7 +66,11 @@ def _conf(cfg: StackConfig) -> str:
 
 
 def rabbitmqctl(
-    cfg: StackConfig, *args: str, check: bool = True, timeout: float = 60, tool: str = "rabbitmqctl"
+    cfg: StackConfig,
+    *args: str,
+    check: bool = True,
+    timeout: float = 60,
+    tool: Literal["rabbitmqctl", "rabbitmq-queues"] = "rabbitmqctl",
 ) -> subprocess.CompletedProcess[str]:
     """One of RabbitMQ's CLI tools (``rabbitmqctl``, ``rabbitmq-queues``) against this node."""
     return run(
