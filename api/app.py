@@ -20,6 +20,7 @@ from sanic.config import Config
 from sanic_ext import Extend
 from sanic_ext.extensions.openapi.extension import OpenAPIExtension
 
+from api import graceful_stop
 from api.access import AccessControl, Clock
 from api.context import App, AppContext
 from api.errors import JsonErrorHandler
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
     if not isinstance(settings, Settings):
         settings = get_settings()
     setup_logging(settings.log_level)
+    graceful_stop.install()
     ctx = AppContext(
         settings=settings,
         clock=clock or time.time,
