@@ -11,9 +11,11 @@ from actors.outbox import OutboxMiddleware
 from actors.runtime import Runtime
 from sessiond.config import get_settings
 from sessiond.logs import setup_logging
+from sessiond.stacks import dump_on_sigusr1
 
 settings = get_settings()
 setup_logging(settings.log_level)
+dump_on_sigusr1()
 runtime = Runtime(settings)
 
 

@@ -33,6 +33,7 @@ from api.tokens import TokenValidator
 from sessiond.config import Settings, get_settings
 from sessiond.errors import DependencyUnavailable
 from sessiond.logs import setup_logging
+from sessiond.stacks import dump_on_sigusr1
 from storage import cache as cache_mod
 from storage import db, redis_conn
 from storage.activity import AccessLog, ActivityBuffer
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None, *, clock: Clock | None = None) 
         settings = get_settings()
     setup_logging(settings.log_level)
     graceful_stop.install()
+    dump_on_sigusr1()
     ctx = AppContext(
         settings=settings,
         clock=clock or time.time,

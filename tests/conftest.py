@@ -32,6 +32,7 @@ from storage import cache as cache_mod
 from storage import db as db_mod
 from storage import redis_conn
 from storage.redis_conn import AsyncClient
+from tests import stacks
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = ("audit_events", "event_receipts", "outbox", "processed_events", "sessions", "users")
@@ -393,10 +394,13 @@ def spawn(
         return proc
 
     yield start
+    report = getattr(request.node, "report_call", None)
+    failed = report is not None and report.failed
+    dumps = [stacks.dump(p.proc.pid, p.log) for p in started if failed and p.alive()]
     for proc in started:
         proc.stop()
-    report = getattr(request.node, "report_call", None)
-    if report is not None and report.failed:
+    if failed:
+        sys.stderr.write("\n".join(dumps) + "\n")
         for proc in started:
             tail = proc.output().splitlines()[-LOG_TAIL_LINES:]
             sys.stderr.write(f"--- {' '.join(proc.argv[3:])} ({proc.log.name}) ---\n")
