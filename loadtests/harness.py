@@ -229,9 +229,9 @@ def wait_http(url: str, proc: Proc, *, timeout: float = 60.0, expect: int = 200)
 # --------------------------------------------------------------------------- process figures
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc, no psutil)."""
-    out: list[int] = []
+def process_stats() -> Iterator[tuple[int, list[str]]]:
+    """Each live process's pid and its ``/proc/<pid>/stat`` fields after ``(comm)``: state,
+    ppid, pgrp, session, ... (from /proc, no psutil)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -239,10 +239,12 @@ def children(pid: int) -> list[int]:
             stat = (entry / "stat").read_text()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            out.append(int(entry.name))
-    return sorted(out)
+        yield int(entry.name), stat.rsplit(")", 1)[1].split()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``."""
+    return sorted(child for child, fields in process_stats() if int(fields[1]) == pid)
 
 
 def descendants(pid: int) -> list[int]:

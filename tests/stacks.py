@@ -12,23 +12,14 @@ import signal
 import time
 from pathlib import Path
 
+from loadtests.harness import process_stats
+
 FRAMES_PER_THREAD = 6
 _THREAD = re.compile(r"^(Thread|Current thread) 0x[0-9a-f]+ \(most recent call first\):$")
 
 
 def _session_pids(session: int) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[3]) == session:  # fields after "(comm)": state ppid pgrp session ...
-            pids.append(int(entry.name))
-    return pids
+    return [pid for pid, fields in process_stats() if int(fields[3]) == session]
 
 
 def _catches_sigusr1(pid: int) -> bool:
