@@ -6,11 +6,13 @@ coroutines all run on Dramatiq's single event-loop thread, where Tortoise and re
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable
 from typing import TypeVar
 
 import dramatiq
 from dramatiq.asyncio import get_event_loop_thread
+from dramatiq.middleware import MiddlewareError
 from dramatiq.middleware.asyncio import AsyncIO
 
 from sessiond.config import Settings
@@ -19,6 +21,13 @@ from storage import db, redis_conn
 from storage.redis_policy import check_memory_policy
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class StorageNotOpen(MiddlewareError):
+    """A ``MiddlewareError`` is the one failure Dramatiq's boot does not swallow: any other
+    exception in ``before_worker_boot`` is logged and the worker consumes anyway, so a worker
+    refused by the Redis policy check would dead-letter every event it took."""
 
 
 class Runtime:
@@ -68,7 +77,16 @@ class StorageMiddleware(AsyncIO):
 
     def before_worker_boot(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         super().before_worker_boot(broker, worker)  # type: ignore[no-untyped-call]
-        self.runtime.run(self.runtime.open())
+        try:
+            self.runtime.run(self.runtime.open())
+        except Exception as exc:
+            log.critical(
+                "worker storage did not open; this process stops before consuming",
+                extra={"error": f"{type(exc).__name__}: {exc}"[:500]},
+            )
+            # The loop thread is not a daemon: left running, it would keep this process alive.
+            super().after_worker_shutdown(broker, worker)  # type: ignore[no-untyped-call]
+            raise StorageNotOpen(str(exc)) from exc
 
     def after_worker_shutdown(self, broker: dramatiq.Broker, worker: dramatiq.Worker) -> None:
         try:

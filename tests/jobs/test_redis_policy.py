@@ -3,14 +3,16 @@ changed with CONFIG SET and restored)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
+import asyncpg
 import pytest
 
 from actors.runtime import Runtime
 from sessiond.config import Settings
 from storage import cache as cache_mod
 from storage.redis_policy import UnsafeRedisPolicy, check_memory_policy
+from tests.conftest import Amqp, Process, async_wait_until, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -55,3 +57,29 @@ async def test_a_worker_does_not_start_on_such_a_server_unless_told_to(
     await unchecked.open()
     assert unchecked.cache is not None and await unchecked.cache.ping()
     await unchecked.close()
+
+
+async def test_a_refused_worker_process_exits_and_takes_no_event(
+    migrated: Settings,
+    restore_policy: cache_mod.Cache,
+    broker_client: Amqp,
+    pg: asyncpg.Connection,
+    spawn: Callable[..., Process],
+) -> None:
+    # Given a login waiting in the queue, and a Redis that may evict sessiond's state
+    broker_client.publish({"event": "connected", "user_id": "u-policy"})
+    await restore_policy.client.config_set("maxmemory-policy", "allkeys-lru")
+    # When a worker starts on it
+    refused = spawn("worker", "--processes", "1", "--threads", "2")
+    # Then it stops by itself, non-zero, saying why, before it consumed anything
+    wait_until(lambda: not refused.alive(), timeout=60)
+    assert refused.stop() != 0
+    assert "'allkeys-lru'" in refused.output()
+    assert await pg.fetchval("SELECT count(*) FROM processed_events") == 0
+    # And once Redis is fixed, the next worker applies the login: nothing was dead-lettered
+    await restore_policy.client.config_set("maxmemory-policy", "noeviction")
+    spawn("worker", "--processes", "1", "--threads", "2")
+    await async_wait_until(
+        lambda: pg.fetchval("SELECT status = 'connected' FROM users WHERE id = 'u-policy'"),
+        timeout=60,
+    )
