@@ -396,7 +396,7 @@ def spawn(
     yield start
     report = getattr(request.node, "report_call", None)
     failed = report is not None and report.failed
-    dumps = [stacks.dump(p.proc.pid, p.log) for p in started if p.alive()] if failed else []
+    dumps = [stacks.report(p.proc.pid, p.log) for p in started if p.alive()] if failed else []
     for proc in started:
         proc.stop()
     if failed:

@@ -93,21 +93,25 @@ async def cluster_clean(
 
 def broker_report(cfg: ClusterConfig, vhost: str) -> str:
     """What the live RabbitMQ nodes say of the vhost's queues and consumers (leader, members,
-    ready and unacknowledged counts), for a fault test's failure message: the cluster is reset by
-    the next test, so this is the one moment to read it."""
+    ready and unacknowledged counts) and of their channels (unacknowledged per client port, which
+    the failed test's connection list maps to a process), for a fault test's failure message:
+    the cluster is reset by the next test, so this is the one moment to read it."""
     lines: list[str] = []
-    for node in rabbitmq_cluster.nodes(cfg):
-        if not rabbitmq.running(node):
-            continue
-        for what in (
-            ("list_queues", "name", "type", "leader", "members", "messages_ready",
-             "messages_unacknowledged", "consumers"),  # (RabbitMQ 3.10: no SAC tag column)
-            ("list_consumers", "queue_name", "channel_pid", "consumer_tag", "active"),
-        ):  # fmt: skip
-            try:
-                out = rabbitmq.rabbitmqctl(node, what[0], "-p", vhost, *what[1:], timeout=30)
-                lines.append(f"{node.rabbit_node} {what[0]}:\n{out.stdout}")
-            except StackError as exc:
-                lines.append(f"{node.rabbit_node} {what[0]}: {exc}")
-        break  # one live node's view is the cluster's
+    cluster_wide: tuple[tuple[str, ...], ...] = (
+        ("list_queues", "-p", vhost, "name", "type", "leader", "members", "messages_ready",
+         "messages_unacknowledged", "consumers"),  # (RabbitMQ 3.10: no SAC tag column)
+        ("list_consumers", "-p", vhost, "queue_name", "channel_pid", "consumer_tag", "active"),
+    )  # fmt: skip
+    per_node: tuple[tuple[str, ...], ...] = (
+        ("list_channels", "name", "consumer_count", "messages_unacknowledged", "prefetch_count"),
+    )
+    live = [n for n in rabbitmq_cluster.nodes(cfg) if rabbitmq.running(n)]
+    commands = [(node, what) for node in live[:1] for what in cluster_wide]
+    commands += [(node, what) for node in live for what in per_node]
+    for node, what in commands:
+        try:
+            out = rabbitmq.rabbitmqctl(node, *what, timeout=30)
+            lines.append(f"{node.rabbit_node} {what[0]}:\n{out.stdout}")
+        except StackError as exc:
+            lines.append(f"{node.rabbit_node} {what[0]}: {exc}")
     return "\n".join(lines)

@@ -1,10 +1,12 @@
-"""A failed test's report gets the stacks of the processes that catch SIGUSR1, and only theirs."""
+"""A failed test's report gets the stacks of the processes that catch SIGUSR1, and only theirs,
+and the client ports each process of the session holds."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -46,3 +48,23 @@ def test_the_stacks_name_the_waiting_call_and_spare_other_processes(tmp_path: Pa
             os.kill(bystander, signal.SIGKILL)
         proc.kill()
         proc.wait()
+
+
+def test_the_connections_name_each_process_and_its_client_port(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        program = (
+            f"import socket, time; s = socket.create_connection(('127.0.0.1', {port}));"
+            " print(s.getsockname()[1], flush=True); time.sleep(30)"
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-c", program], stdout=subprocess.PIPE, start_new_session=True
+        )
+        try:
+            assert proc.stdout is not None
+            client_port = int(proc.stdout.readline())
+            text = stacks.connections(proc.pid)
+            assert f"pid {proc.pid}: {client_port}->{port}" in text.splitlines()
+        finally:
+            proc.kill()
+            proc.wait()
