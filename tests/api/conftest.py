@@ -23,6 +23,7 @@ from api.app import create_app
 from api.context import App
 from sessiond.config import Settings
 from sessiond.events import Event
+from storage import db
 from storage.cache import Cache
 from storage.state import apply_event, publish_snapshot
 from tests.conftest import truncate
@@ -147,12 +148,29 @@ async def start_api(settings: Settings, cache: Cache, clock: FakeClock | None = 
     return Api(app, f"http://127.0.0.1:{port}", clock, cache, settings, server)
 
 
+STOP_STAGE_TIMEOUT_S = 60.0
+
+
 async def stop_api(api: Api) -> None:
+    """Each stage of the stop is bounded, so a hang fails this one test naming the stage,
+    instead of the session timeout; and the app is unregistered and Tortoise closed whatever
+    happened, so the tests after it can start their own API (one hang once failed 88)."""
     server = api._server
-    await server.before_stop()
-    await server.close()
-    await server.after_stop()
-    Sanic.unregister_app(api.app)
+    try:
+        for name, stage in (
+            ("before_server_stop", server.before_stop),
+            ("close", server.close),
+            ("after_server_stop", server.after_stop),
+        ):
+            try:
+                await asyncio.wait_for(stage(), STOP_STAGE_TIMEOUT_S)
+            except TimeoutError:
+                raise AssertionError(
+                    f"in-process API: {name} did not finish within {STOP_STAGE_TIMEOUT_S:.0f} s"
+                ) from None
+    finally:
+        Sanic.unregister_app(api.app)
+        await db.close_db()  # after_server_stop's own close, when it did not get there
 
 
 ApiFactory = Callable[..., Awaitable[Api]]
