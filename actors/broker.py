@@ -38,6 +38,7 @@ class Broker(ChannelBoundBroker):
 
     def __init__(self, settings: Settings, **kwargs: Any) -> None:
         self._settings = settings
+        self.stall_after_s = settings.consumer_stall_s
         super().__init__(**kwargs)
 
     def _build_queue_arguments(self, queue_name: str) -> dict[str, Any]:

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     outbox_poll_s: float = Field(default=0.5, gt=0)
     outbox_batch_size: int = Field(default=500, ge=1, le=10_000)
     outbox_retention_s: int = Field(default=86_400, ge=0)
+    # A worker's consumer that holds no message, was given none for this long and whose queue
+    # has messages ready reconnects (``actors.consumer``, the stall watchdog); 0 = off.
+    consumer_stall_s: float = Field(default=10.0, ge=0)
 
     # Timing (CONTRACT §3).
     idle_timeout_s: int = Field(default=1800, ge=1)
