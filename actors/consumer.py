@@ -56,7 +56,7 @@ class ChannelBoundConsumer(_RabbitmqConsumer):  # type: ignore[misc]
         self._stall_after = float(getattr(broker, "stall_after_s", 0.0))
         self._last_delivery = self._last_check = time.monotonic()
         self._suspect = False
-        self._stalled = False
+        self._stalled = self._dropped = False
 
     def __next__(self) -> Any:
         message = super().__next__()  # type: ignore[no-untyped-call]
@@ -121,21 +121,56 @@ class ChannelBoundConsumer(_RabbitmqConsumer):  # type: ignore[misc]
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
         return int(frame.method.message_count)
 
+    def _nack(self, tag: int) -> None:
+        # Also Dramatiq's path for a delivery it could not decode (``__next__`` then returns
+        # None): a delivery all the same, so not a sign of a stall.
+        self._last_delivery = time.monotonic()
+        self._suspect = False
+        super()._nack(tag)  # type: ignore[no-untyped-call]
+
     def close(self) -> None:
         """Dramatiq's close, except after a stall: then the connection is dropped at once,
         because a graceful close waits for the very channel that stopped answering. No ack is
-        pending then: the consumer held no message for ``stall_after_s``."""
+        pending then: the consumer held no message for ``stall_after_s``. Dramatiq may call
+        this twice (a failed reconnect, a stop during the restart delay): there is nothing
+        left to close the second time."""
+        if self._dropped:
+            return
         if not self._stalled:
             super().close()  # type: ignore[no-untyped-call]
             return
+        self._dropped = True
         # pika's own way to drop a connection (its heartbeat timeout uses it); not public.
         try:
             self.connection._impl._terminate_stream(
                 pika.exceptions.AMQPConnectionError(f"consumer of {self.queue_name} stalled")
             )
             self.connection.process_data_events(0)
-        except (AssertionError, pika.exceptions.AMQPError):
-            pass  # the connection is gone, which is what was wanted
+        except Exception:  # the connection is gone, which is what was wanted
+            log.debug("stalled consumer's connection dropped", exc_info=True)
+
+    @property
+    def open(self) -> bool:
+        """Whether an ack can still reach RabbitMQ on this consumer's channel."""
+        return bool(self.connection.is_open and self.channel.is_open)
+
+    def _owns(self, message: Any, action: str) -> bool:
+        """True when ``message`` is this consumer's delivery and its channel is still open."""
+        if getattr(message, _OWNER, None) is self and self.open:
+            return True
+        log.warning(
+            "stale delivery not acknowledged (its channel is closed); RabbitMQ redelivers it",
+            extra={"action": action, "message_id": getattr(message, "message_id", None)},
+        )
+        return False
+
+    def ack(self, message: Any) -> None:
+        if self._owns(message, "ack"):
+            super().ack(message)  # type: ignore[no-untyped-call]
+
+    def nack(self, message: Any) -> None:
+        if self._owns(message, "nack"):
+            super().nack(message)  # type: ignore[no-untyped-call]
 
 
 class ChannelBoundBroker(RabbitmqBroker):  # type: ignore[misc]

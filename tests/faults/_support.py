@@ -285,3 +285,16 @@ def wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not within {timeout}s")
         time.sleep(0.1)
+
+
+def next_delivery(consumer: Any) -> Any:
+    for _ in range(20):  # the iterator yields None on its 100 ms inactivity timeout
+        message = next(consumer)
+        if message is not None:
+            return message
+    raise AssertionError("no delivery within 2 s")
+
+
+def pump(consumer: Any) -> None:
+    """Lets the consumer's connection run its queued callbacks (the acks), as its thread does."""
+    consumer.connection.process_data_events(time_limit=0.3)

@@ -3,12 +3,14 @@ or fail, leaves every server running (CI runs the rest of the suite on the same 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
+import pika
 import pytest
 
-from sessiond import stack
+from sessiond import amqp, stack
 from sessiond.config import Settings
 from storage import redis_conn
 from tests.conftest import Amqp, all_queues
@@ -44,3 +46,17 @@ async def clean(
         await client.aclose()
     await pg.close()  # the tests open their own connections: a fault may kill any held one
     yield settings
+
+
+@pytest.fixture
+def queue(settings: Settings) -> Iterator[str]:
+    """A scratch queue of its own (and Dramatiq's .DQ/.XQ), deleted afterwards."""
+    name = f"sessiond.test.scratch.{uuid.uuid4().hex[:8]}"
+    yield name
+    conn = pika.BlockingConnection(amqp.connection_parameters(settings))
+    try:
+        ch = conn.channel()
+        for q in (name, f"{name}.DQ", f"{name}.XQ"):
+            ch.queue_delete(q)
+    finally:
+        conn.close()

@@ -12,8 +12,6 @@ with the same consumer calls the worker makes, so the interleaving is exact.
 from __future__ import annotations
 
 import time
-import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import dramatiq
@@ -25,32 +23,7 @@ from dramatiq.errors import ConnectionClosed
 from actors.consumer import ChannelBoundBroker
 from sessiond import amqp
 from sessiond.config import Settings
-
-
-@pytest.fixture
-def queue(settings: Settings) -> Iterator[str]:
-    name = f"sessiond.test.staleack.{uuid.uuid4().hex[:8]}"
-    yield name
-    conn = pika.BlockingConnection(amqp.connection_parameters(settings))
-    try:
-        ch = conn.channel()
-        for q in (name, f"{name}.DQ", f"{name}.XQ"):
-            ch.queue_delete(q)
-    finally:
-        conn.close()
-
-
-def _next(consumer: Any) -> Any:
-    for _ in range(20):  # the iterator yields None on its 100 ms inactivity timeout
-        message = next(consumer)
-        if message is not None:
-            return message
-    raise AssertionError("no delivery within 2 s")
-
-
-def _pump(consumer: Any) -> None:
-    """Lets the consumer's connection run its queued callbacks (the acks), as its thread does."""
-    consumer.connection.process_data_events(time_limit=0.3)
+from tests.faults._support import next_delivery, pump
 
 
 def _left(settings: Settings, queue: str) -> list[str]:
@@ -76,17 +49,17 @@ def stage(broker: RabbitmqBroker, settings: Settings, queue: str) -> list[str]:
     for name in ("X", "A", "B"):
         broker.enqueue(dramatiq.Message(queue, "apply", (name,), {}, {}))
     first = broker.consume(queue, prefetch=2, timeout=100)
-    x, a = _next(first), _next(first)
+    x, a = next_delivery(first), next_delivery(first)
     assert (x.args[0], a.args[0], a._tag) == ("X", "A", 2)
     first.ack(x)
-    _pump(first)
+    pump(first)
     first.close()  # the connection lost: A is unacknowledged, so RabbitMQ requeues it
 
     second = broker.consume(queue, prefetch=2, timeout=100)
-    again, b = _next(second), _next(second)
+    again, b = next_delivery(second), next_delivery(second)
     assert (again.args[0], again._tag, b.args[0], b._tag) == ("A", 1, "B", 2)
     second.ack(a)  # what post_process_message does with A's first delivery
-    _pump(second)
+    pump(second)
     second.close()  # SIGKILL before A and B were applied: RabbitMQ keeps what was not acked
     broker.close()
     return sorted(_left(settings, queue))
@@ -113,12 +86,12 @@ def test_a_closed_channels_ack_is_dropped_at_once(settings: Settings, queue: str
     try:
         broker.enqueue(dramatiq.Message(queue, "apply", ("A",), {}, {}))
         old: Any = stock.consume(queue, prefetch=1, timeout=100)
-        a = _next(old)
+        a = next_delivery(old)
         old.connection.close()  # the connection lost under the worker
         with pytest.raises(ConnectionClosed):
             old.ack(a)
         bound: Any = broker.consume(queue, prefetch=1, timeout=100)
-        a = _next(bound)
+        a = next_delivery(bound)
         assert bound.open
         bound.connection.close()
         assert not bound.open
