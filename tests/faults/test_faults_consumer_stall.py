@@ -20,7 +20,7 @@ import dramatiq
 import pytest
 from dramatiq.errors import ConnectionClosed
 
-from actors.consumer import ChannelBoundBroker
+from actors.broker import Broker
 from sessiond import amqp, stack
 from sessiond.config import Settings
 from sessiond.events import partition_of, partition_queue
@@ -78,18 +78,25 @@ def vhost_of(settings: Settings) -> str:
     return unquote(urlsplit(settings.amqp_urls[0]).path.lstrip("/"))
 
 
+@pytest.mark.parametrize("queue_type", ["classic", "quorum"])
 def test_a_stalled_consumer_reconnects_and_its_close_can_be_repeated(
-    settings: Settings, stack_config: stack.StackConfig, queue: str
+    settings: Settings, stack_config: stack.StackConfig, queue: str, queue_type: str
 ) -> None:
-    """Staged with the calls Dramatiq's consumer thread makes: an idle consumer of an empty
-    queue never fires; with its channel suspended and messages ready, ``next`` raises
-    ``ConnectionClosed``; ``close`` drops the connection at once and can be called again (a
-    failed reconnect, a stop during the restart delay); a new consumer gets what was ready."""
-    broker = ChannelBoundBroker(parameters=[amqp.parameter_kwargs(settings)], middleware=[])
-    broker.stall_after_s = 0.3
+    """Staged with the calls Dramatiq's consumer thread makes, on both queue types (a quorum
+    queue of one member is still a quorum queue: its ready count comes from its Raft leader):
+    an idle consumer of an empty queue never fires; with its channel suspended and messages
+    ready, ``next`` raises ``ConnectionClosed``; ``close`` drops the connection at once and can
+    be called again (a failed reconnect, a stop during the restart delay); a new consumer gets
+    what was ready, then what the stuck channel held."""
+    typed = settings.model_copy(update={"queue_type": queue_type, "consumer_stall_s": 0.3})
+    broker = Broker(typed, parameters=[amqp.parameter_kwargs(settings)], middleware=[])
     fresh: Any = None
     try:
         broker.enqueue(dramatiq.Message(queue, "apply", ("warm",), {}, {}))
+        listed = rabbitmq.rabbitmqctl(
+            stack_config, "list_queues", "-q", "-p", vhost_of(settings), "name", "type"
+        ).stdout
+        assert f"{queue}\t{queue_type}" in listed
         consumer: Any = broker.consume(queue, prefetch=1, timeout=100)
         consumer.ack(next_delivery(consumer))
         pump(consumer)
