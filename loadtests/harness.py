@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -132,10 +133,35 @@ def purge(settings: Settings) -> None:
             conn.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def free_port(span: int = 1) -> int:
+    """A port (the first of ``span`` consecutive ones) free on 127.0.0.1 for a server started a
+    moment later, taken outside the kernel's ephemeral range. ``bind(0)`` would give a port in
+    that range, where every outgoing connection of the suite also takes its local port: a
+    worker's or a client's connection opened in between left the server "Address already in
+    use" (seen once in CI: the model run's API)."""
+    low, high = _ephemeral_range()
+    # Above the range when there is room (the stacks' fixed ports are all below it), else below.
+    first, last = (high + 1, 65535 - span) if 65535 - high > 1000 else (10000, low - span)
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randint(first, last)
+        with contextlib.ExitStack() as held:
+            try:
+                for offset in range(span):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind(("127.0.0.1", port + offset))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no {span} free consecutive port(s) in {first}-{last}")
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +20,7 @@ from sanic import Sanic
 
 from api.app import create_app
 from api.context import App
+from loadtests.harness import free_port
 from sessiond.config import Settings
 from sessiond.events import Event
 from storage import db
@@ -29,12 +29,6 @@ from storage.state import apply_event, publish_snapshot
 from tests.conftest import truncate
 
 SECRET = "test-secret-that-is-long-enough-for-hs256"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mint(

@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.api.conftest import Api, free_port, mint
+from loadtests.harness import free_port
+from tests.api.conftest import Api, mint
 from tests.proxies.conftest import NGINX_MAIN, nginx_binary
 
 pytestmark = pytest.mark.integration

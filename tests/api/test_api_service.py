@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.conftest import Api, ApiFactory, free_port, http, mint
+from loadtests.harness import free_port
+from tests.api.conftest import Api, ApiFactory, http, mint
 from tests.conftest import Process, wait_until
 
 pytestmark = pytest.mark.integration

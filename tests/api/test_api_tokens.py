@@ -18,7 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from tests.api.conftest import SECRET, Api, ApiFactory, free_port, mint
+from loadtests.harness import free_port
+from tests.api.conftest import SECRET, Api, ApiFactory, mint
 
 pytestmark = pytest.mark.integration
 

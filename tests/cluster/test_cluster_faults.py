@@ -18,11 +18,12 @@ import pika.exceptions
 import pytest
 import redis.asyncio as aioredis
 
+from loadtests.harness import free_port
 from sessiond import amqp
 from sessiond.config import Settings
 from sessiond.stack import postgres_cluster, rabbitmq_cluster
 from sessiond.stack.cluster_config import ClusterConfig
-from tests.api.conftest import free_port, http, mint
+from tests.api.conftest import http, mint
 from tests.cluster.conftest import broker_report
 from tests.conftest import Process, wait_until
 from tests.faults._support import (

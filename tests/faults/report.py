@@ -117,6 +117,7 @@ def _pct(values: list[float], q: float) -> float:
 def measure_abuse(flooders: int = 4, n: int = 2000) -> dict[str, Any]:
     """One ``sessiond api`` worker; a good client's latency alone, beside ``flooders`` client
     processes sending nothing but forged tokens, and beside the same load of valid tokens."""
+    from loadtests.harness import free_port
     from sessiond import stack
     from sessiond.config import Settings
     from sessiond.events import Event
@@ -124,7 +125,6 @@ def measure_abuse(flooders: int = 4, n: int = 2000) -> dict[str, Any]:
     from storage import db as db_mod
     from storage import redis_conn
     from storage.state import apply_event, publish_snapshot
-    from tests.api.conftest import free_port
     from tests.conftest import isolated
 
     cfg = stack.StackConfig.from_env()

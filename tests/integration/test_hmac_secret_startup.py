@@ -14,8 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from loadtests.harness import free_port
 from sessiond.config import PLACEHOLDER_SECRET
-from tests.api.conftest import free_port, http, mint
+from tests.api.conftest import http, mint
 from tests.conftest import Process, wait_until
 
 pytestmark = pytest.mark.integration

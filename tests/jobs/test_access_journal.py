@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from api.metrics import Metrics
 from api.recorder import Recorder
+from loadtests.harness import free_port
 from sessiond.config import Settings
 from storage import access_flush, flush
 from storage import cache as cache_mod
@@ -27,7 +28,7 @@ from storage.activity import (
     Page,
 )
 from storage.db import conn
-from tests.api.conftest import Api, free_port
+from tests.api.conftest import Api
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,6 @@ import base64
 import contextlib
 import json
 import os
-import socket
 import sys
 import time
 import urllib.error
@@ -24,6 +23,7 @@ from typing import Any
 
 import asyncpg
 
+from loadtests.harness import free_port
 from sessiond import stack
 from sessiond.config import Settings
 from storage import db, redis_conn
@@ -57,12 +57,6 @@ PROCESS_ENV: dict[str, str] = {
     # INFO (``SESSIOND_MODEL_LOG_LEVEL=INFO``) to follow a late event through the workers' logs.
     "SESSIOND_LOG_LEVEL": os.environ.get("SESSIOND_MODEL_LOG_LEVEL", "WARNING"),
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

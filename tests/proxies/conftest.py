@@ -23,8 +23,9 @@ from typing import Any
 
 import pytest
 
+from loadtests.harness import free_port
 from tests.api import conftest as api_fixtures
-from tests.api.conftest import Api, free_port
+from tests.api.conftest import Api
 from tests.conftest import ROOT
 
 api_factory = api_fixtures.api_factory

@@ -18,7 +18,8 @@ from envoy.service.auth.v3 import attribute_context_pb2, external_auth_pb2, exte
 from google.rpc import code_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.api.conftest import Api, ApiFactory, free_port, mint
+from loadtests.harness import free_port
+from tests.api.conftest import Api, ApiFactory, mint
 from tests.conftest import Process, async_wait_until, truncate
 from tests.proxies.conftest import FORGED_ENVOY
 

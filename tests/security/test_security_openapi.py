@@ -18,7 +18,8 @@ import schemathesis
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import HealthCheck, given, settings
 
-from tests.api.conftest import free_port, mint
+from loadtests.harness import free_port
+from tests.api.conftest import mint
 from tests.conftest import Process
 from tests.revocation.conftest import AUDIENCE, ISSUER, jwk
 

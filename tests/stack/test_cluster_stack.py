@@ -6,13 +6,13 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from loadtests.harness import free_port
 from sessiond.stack import postgres, postgres_cluster
 from sessiond.stack.cluster_config import ClusterConfig
 
@@ -64,28 +64,13 @@ def test_env_reaches_every_node(local_cluster: ClusterConfig) -> None:
     assert Path(env["SESSIOND_AMQP_CA_FILE"]).is_file()
 
 
-def free_pair() -> int:
-    """A port whose successor is free too (the pair's primary and standby)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind(("127.0.0.1", 0))
-            port: int = a.getsockname()[1]
-            with socket.socket() as b:
-                try:
-                    b.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-        return port
-    raise AssertionError("no two consecutive free ports")
-
-
 def test_postgres_pair_fails_over_and_is_rebuilt_out_of_reach_of_postgres(tmp_path: Path) -> None:
     # Given a stack directory under a 0700 parent, as /root/sessiond on Debian (we run as root)
     assert os.geteuid() == 0, "the suite runs as root, as scripts/test does on Debian"
     parent = tmp_path / "home"
     parent.mkdir(mode=0o700)
     parent.chmod(0o700)
-    cfg = ClusterConfig(root=parent / "sessiond" / ".stack" / "cluster", pg_port=free_pair())
+    cfg = ClusterConfig(root=parent / "sessiond" / ".stack" / "cluster", pg_port=free_port(span=2))
     primary, standby = cfg.postgres("primary"), cfg.postgres("standby")
     try:
         # When the pair comes up: the data lives where postgres can reach it, the standby streams

@@ -15,19 +15,13 @@ from pathlib import Path
 
 import pytest
 
+from loadtests.harness import free_port
 from sessiond import stack
 from sessiond.stack import postgres, rabbitmq
 
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.integration
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture

@@ -15,11 +15,11 @@ import asyncpg
 import pytest
 import redis.exceptions
 
+from loadtests.harness import free_port
 from sessiond import stack
 from sessiond.config import Settings
 from storage import db as db_mod
 from storage import redis_conn
-from tests.api.conftest import free_port
 
 pytestmark = pytest.mark.integration
 
