@@ -180,9 +180,15 @@ class System:
         self.api = Service("api", api, self.env, self.logs)
         self.worker = Service("worker", worker, self.env, self.logs)
         self.scheduler = Service("scheduler", self._argv("scheduler"), self.env, self.logs)
-        for service in (self.api, self.worker, self.scheduler):
-            service.start()
-        asyncio.run(self._ready())
+        try:
+            for service in (self.api, self.worker, self.scheduler):
+                service.start()
+            asyncio.run(self._ready())
+        except BaseException:
+            # Else the workers of a run whose API never came up outlive it, consuming from the
+            # next run's queues (seen in CI after an API start failure).
+            self.stop()
+            raise
 
     async def _ready(self, timeout: float = 90.0) -> None:
         http = Http("127.0.0.1", self.port)
