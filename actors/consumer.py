@@ -42,6 +42,8 @@ import pika.exceptions
 from dramatiq.brokers.rabbitmq import RabbitmqBroker, _RabbitmqConsumer
 from dramatiq.errors import ConnectionClosed
 
+from actors.topology import queue_depth
+
 log = logging.getLogger(__name__)
 
 _OWNER = "_sessiond_consumer"
@@ -53,7 +55,7 @@ class ChannelBoundConsumer(_RabbitmqConsumer):  # type: ignore[misc]
 
     def __init__(self, broker: Any, queue_name: str, prefetch: int, timeout: int) -> None:
         super().__init__(broker, queue_name, prefetch, timeout)  # type: ignore[no-untyped-call]
-        self._stall_after = float(getattr(broker, "stall_after_s", 0.0))
+        self._stall_after = float(broker.stall_after_s)
         self._last_delivery = self._last_check = time.monotonic()
         self._suspect = False
         self._stalled = self._dropped = False
@@ -109,17 +111,11 @@ class ChannelBoundConsumer(_RabbitmqConsumer):  # type: ignore[misc]
         consumer's channel may be the part of the broker that stopped answering). A quorum
         queue whose leader is unreachable answers 0: nothing to restart for."""
         try:
-            channel = self.connection.channel()
-            try:
-                frame = channel.queue_declare(self.queue_name, passive=True)
-            finally:
-                if channel.is_open:
-                    channel.close()
+            return queue_depth(self.connection, self.queue_name)
         except pika.exceptions.AMQPChannelError:
             return 0
         except pika.exceptions.AMQPConnectionError as exc:
             raise ConnectionClosed(exc) from None  # type: ignore[no-untyped-call]
-        return int(frame.method.message_count)
 
     def _nack(self, tag: int) -> None:
         # Also Dramatiq's path for a delivery it could not decode (``__next__`` then returns

@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import asyncpg
 import dramatiq
@@ -75,7 +74,7 @@ def suspended(cfg: stack.StackConfig, pids: list[str]) -> int:
 
 
 def vhost_of(settings: Settings) -> str:
-    return unquote(urlsplit(settings.amqp_urls[0]).path.lstrip("/"))
+    return str(amqp.parameter_kwargs(settings)["virtual_host"])
 
 
 @pytest.mark.parametrize("queue_type", ["classic", "quorum"])
